@@ -1,0 +1,33 @@
+# Every target bootstraps .venv (torch, torchvision, the package and its C++ extension) first.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.dcnv2-installed
+SOURCES := pyproject.toml setup.py $(shell find src/dcnv2/ops/csrc -name '*.cpp' 2>/dev/null)
+
+.PHONY: install test test-all demo bench clean
+
+install: $(STAMP)
+
+$(STAMP): $(SOURCES)
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check torch==2.14.1 torchvision==0.29.1
+	$(PY) -m pip install -q --disable-pip-version-check setuptools wheel ninja
+	$(PY) -m pip install -q --disable-pip-version-check --no-build-isolation -e '.[test]'
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+test-all: $(STAMP)
+	$(PY) -m pytest -q -m ''
+
+demo: $(STAMP)
+	$(PY) -m dcnv2.cli demo
+
+bench: $(STAMP)
+	$(PY) benchmarks/deform_conv.py
+	$(PY) benchmarks/deform_roi_pool.py
+
+clean:
+	rm -rf build $(VENV) src/*.egg-info src/dcnv2/*.so

@@ -1,0 +1,10 @@
+"""dcnv2: Deformable ConvNets v2 for PyTorch.
+
+Modulated deformable convolution and RoI pooling with fast CPU kernels (``dcnv2.ops``, ``dcnv2.nn``),
+DCN backbones and detectors (``dcnv2.models``), training/evaluation (``dcnv2.engine``) and the
+paper's spatial-support analysis (``dcnv2.analysis``).
+"""
+from dcnv2 import ops, nn
+
+__version__ = "0.1.0"
+__all__ = ["ops", "nn", "__version__"]

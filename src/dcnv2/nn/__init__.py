@@ -1,0 +1,2 @@
+"""nn.Module layers built on dcnv2.ops."""
+__all__ = []

@@ -1,0 +1,369 @@
+// CPU kernel of the modulated deformable convolution (DCNv2, eq. 1 of the paper; DCNv1 without mask).
+//
+// Layout: the input is read channels-last ([H, W, C] per image), so each bilinear corner is a
+// contiguous channel vector. Output pixels are processed in tiles whose column buffer
+// ([P, G, K, C/G]) stays within a few MB whatever the batch; one GEMM per tile and group.
+//
+// Backward recomputes the column tile (for grad_weight), forms grad_col with one GEMM and then makes
+// one fused pass per (pixel, tap) that scatters grad_input and takes the four corner dot products
+// from which grad_offset and grad_mask follow. The pass is parallel over fixed channel blocks (each
+// block owns its slice of grad_input), and per-block partials of the offset/mask gradients are
+// reduced in block order: no atomics, and the partition does not depend on the thread count, so two
+// runs are bit-identical.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+namespace dcnv2 {
+namespace {
+
+constexpr int64_t kColumnBudgetBytes = 4 << 20;  // per column tile
+constexpr int64_t kMinTilePixels = 64;
+constexpr int64_t kChannelBlock = 32;  // backward partition of grad_input
+
+struct Geometry {
+  int64_t N, C, H, W, Cout, G, OG, kh, kw, K, sh, sw, ph, pw, dh, dw, Ho, Wo, L;
+  int64_t Cg() const { return C / G; }
+  int64_t Cog() const { return C / OG; }
+  int64_t Coutg() const { return Cout / G; }
+};
+
+// Up to four valid bilinear corners of one sample. Samples outside (-1, H) x (-1, W), including
+// NaN/inf positions (the checks are written so that NaN fails them), have none and read as zero.
+template <typename T>
+struct Corners {
+  int n = 0;
+  int64_t idx[4];  // pixel index y * W + x
+  T w[4];          // bilinear weight
+  T dwdy[4];       // d w / d y
+  T dwdx[4];       // d w / d x
+
+  inline void set(T y, T x, int64_t H, int64_t W) {
+    n = 0;
+    if (!(y > T(-1) && y < T(H) && x > T(-1) && x < T(W))) return;
+    const T yf = std::floor(y), xf = std::floor(x);
+    const int64_t y0 = static_cast<int64_t>(yf), x0 = static_cast<int64_t>(xf);
+    const T ly = y - yf, lx = x - xf, hy = T(1) - ly, hx = T(1) - lx;
+    const bool top = y0 >= 0, bottom = y0 + 1 <= H - 1, left = x0 >= 0, right = x0 + 1 <= W - 1;
+    if (top && left) add(y0 * W + x0, hy * hx, -hx, -hy);
+    if (top && right) add(y0 * W + x0 + 1, hy * lx, -lx, hy);
+    if (bottom && left) add((y0 + 1) * W + x0, ly * hx, hx, -ly);
+    if (bottom && right) add((y0 + 1) * W + x0 + 1, ly * lx, lx, ly);
+  }
+  inline void add(int64_t i, T weight, T gy, T gx) {
+    idx[n] = i;
+    w[n] = weight;
+    dwdy[n] = gy;
+    dwdx[n] = gx;
+    ++n;
+  }
+};
+
+// Reads (dy, dx, mask) of tap k, offset group og at a pixel from channels-last offset/mask rows.
+template <typename T>
+struct TapReader {
+  const Geometry& g;
+  const T* off;   // [N, L, OG * 2K]
+  const T* mask;  // [N, L, OG * K] or nullptr
+  inline void sample(int64_t n, int64_t p, int64_t og, int64_t k, T& y, T& x, T& m) const {
+    const int64_t ho = p / g.Wo, wo = p % g.Wo;
+    const T* o = off + (n * g.L + p) * g.OG * 2 * g.K + og * 2 * g.K + 2 * k;
+    const int64_t i = k / g.kw, j = k % g.kw;
+    y = T(ho * g.sh - g.ph + i * g.dh) + o[0];
+    x = T(wo * g.sw - g.pw + j * g.dw) + o[1];
+    m = mask ? mask[(n * g.L + p) * g.OG * g.K + og * g.K + k] : T(1);
+  }
+};
+
+int64_t tile_pixels(const Geometry& g, size_t elem) {
+  const int64_t per_pixel = std::max<int64_t>(1, g.K * g.C * static_cast<int64_t>(elem));
+  return std::min(g.L, std::max(kMinTilePixels, kColumnBudgetBytes / per_pixel));
+}
+
+// col[p - p0] = [G, K, Cg] modulated bilinear samples for output pixels [p0, p1) of image n.
+template <typename T>
+void fill_columns(const Geometry& g, const TapReader<T>& taps, const T* x_cl, int64_t n, int64_t p0,
+                  int64_t p1, T* col) {
+  const int64_t C = g.C, Cg = g.Cg(), Cog = g.Cog(), K = g.K;
+  const T* img = x_cl + n * g.H * g.W * C;
+  at::parallel_for(p0, p1, 16, [&](int64_t begin, int64_t end) {
+    Corners<T> cr;
+    for (int64_t p = begin; p < end; ++p) {
+      T* row = col + (p - p0) * K * C;
+      for (int64_t og = 0; og < g.OG; ++og) {
+        for (int64_t k = 0; k < K; ++k) {
+          T y, x, m;
+          taps.sample(n, p, og, k, y, x, m);
+          cr.set(y, x, g.H, g.W);
+          T cw[4];
+          for (int c = 0; c < cr.n; ++c) cw[c] = cr.w[c] * m;
+          // the offset group's channels, split where they cross a group boundary
+          for (int64_t c = og * Cog, cend = (og + 1) * Cog; c < cend;) {
+            const int64_t grp = c / Cg, seg_end = std::min(cend, (grp + 1) * Cg);
+            const int64_t len = seg_end - c;
+            T* dst = row + grp * K * Cg + k * Cg + (c - grp * Cg);
+            if (cr.n == 0) {
+              std::fill(dst, dst + len, T(0));
+            } else {
+              const T* s0 = img + cr.idx[0] * C + c;
+              const T w0 = cw[0];
+              for (int64_t q = 0; q < len; ++q) dst[q] = w0 * s0[q];
+              for (int t = 1; t < cr.n; ++t) {
+                const T* s = img + cr.idx[t] * C + c;
+                const T wt = cw[t];
+                for (int64_t q = 0; q < len; ++q) dst[q] += wt * s[q];
+              }
+            }
+            c = seg_end;
+          }
+        }
+      }
+    }
+  });
+}
+
+Geometry make_geometry(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& offset,
+                       const std::optional<at::Tensor>& mask, at::IntArrayRef stride,
+                       at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
+                       int64_t offset_groups) {
+  TORCH_CHECK_VALUE(input.dim() == 4, "deform_conv2d: input must be 4-D [N, C, H, W], got ", input.dim(), "-D");
+  TORCH_CHECK_VALUE(weight.dim() == 4, "deform_conv2d: weight must be 4-D, got ", weight.dim(), "-D");
+  TORCH_CHECK_VALUE(offset.dim() == 4, "deform_conv2d: offset must be 4-D, got ", offset.dim(), "-D");
+  TORCH_CHECK_VALUE(stride.size() == 2 && padding.size() == 2 && dilation.size() == 2,
+                    "deform_conv2d: stride, padding and dilation must have 2 values");
+  Geometry g;
+  g.N = input.size(0); g.C = input.size(1); g.H = input.size(2); g.W = input.size(3);
+  g.Cout = weight.size(0); g.kh = weight.size(2); g.kw = weight.size(3); g.K = g.kh * g.kw;
+  g.sh = stride[0]; g.sw = stride[1]; g.ph = padding[0]; g.pw = padding[1];
+  g.dh = dilation[0]; g.dw = dilation[1]; g.G = groups; g.OG = offset_groups;
+  TORCH_CHECK_VALUE(g.sh > 0 && g.sw > 0, "deform_conv2d: stride must be positive, got ", stride);
+  TORCH_CHECK_VALUE(g.dh > 0 && g.dw > 0, "deform_conv2d: dilation must be positive, got ", dilation);
+  TORCH_CHECK_VALUE(g.ph >= 0 && g.pw >= 0, "deform_conv2d: padding must be non-negative, got ", padding);
+  TORCH_CHECK_VALUE(g.G > 0 && g.C > 0 && g.C % g.G == 0 && g.Cout % g.G == 0,
+                    "deform_conv2d: groups=", g.G, " must divide in_channels=", g.C, " and out_channels=", g.Cout);
+  TORCH_CHECK_VALUE(g.OG > 0 && g.C % g.OG == 0, "deform_conv2d: offset_groups=", g.OG,
+                    " must divide in_channels=", g.C);
+  TORCH_CHECK_VALUE(weight.size(1) * g.G == g.C, "deform_conv2d: weight.shape[1]=", weight.size(1),
+                    " times groups=", g.G, " must equal in_channels=", g.C);
+  TORCH_CHECK_VALUE(g.K > 0 && g.Cout > 0, "deform_conv2d: weight must not be empty, got shape ", weight.sizes());
+  g.Ho = (g.H + 2 * g.ph - (g.dh * (g.kh - 1) + 1)) / g.sh + 1;
+  g.Wo = (g.W + 2 * g.pw - (g.dw * (g.kw - 1) + 1)) / g.sw + 1;
+  TORCH_CHECK_VALUE(g.Ho > 0 && g.Wo > 0, "deform_conv2d: output size must be positive, got ", g.Ho, "x", g.Wo);
+  g.L = g.Ho * g.Wo;
+  TORCH_CHECK_VALUE(offset.sizes() == at::IntArrayRef({g.N, 2 * g.OG * g.K, g.Ho, g.Wo}),
+                    "deform_conv2d: offset must have shape [", g.N, ", ", 2 * g.OG * g.K, ", ", g.Ho, ", ",
+                    g.Wo, "], got ", offset.sizes());
+  if (mask) {
+    TORCH_CHECK_VALUE(mask->sizes() == at::IntArrayRef({g.N, g.OG * g.K, g.Ho, g.Wo}),
+                      "deform_conv2d: mask must have shape [", g.N, ", ", g.OG * g.K, ", ", g.Ho, ", ",
+                      g.Wo, "], got ", mask->sizes());
+  }
+  for (const at::Tensor* t : {&weight, &offset}) {
+    TORCH_CHECK_TYPE(t->scalar_type() == input.scalar_type(), "deform_conv2d: dtype mismatch, input is ",
+                     input.scalar_type(), " but got ", t->scalar_type());
+  }
+  if (mask) {
+    TORCH_CHECK_TYPE(mask->scalar_type() == input.scalar_type(), "deform_conv2d: mask dtype ",
+                     mask->scalar_type(), " differs from input dtype ", input.scalar_type());
+  }
+  return g;
+}
+
+at::ScalarType compute_type(at::ScalarType t) {
+  TORCH_CHECK_TYPE(at::isFloatingType(t), "deform_conv2d: expected a floating-point input, got ", t);
+  return (t == at::kDouble) ? at::kDouble : at::kFloat;  // half/bfloat16 accumulate in float32
+}
+
+// channels-last rows of offset [N, L, 2*OG*K] / mask [N, L, OG*K] in the compute type
+at::Tensor rows(const at::Tensor& t, at::ScalarType ct) {
+  return t.to(ct).permute({0, 2, 3, 1}).contiguous();
+}
+
+// weight as [G, Cout/G, K * Cg] with the tap index outside the channel index, matching the columns
+at::Tensor weight_matrix(const at::Tensor& weight, const Geometry& g, at::ScalarType ct) {
+  return weight.to(ct).reshape({g.G, g.Coutg(), g.Cg(), g.K}).permute({0, 1, 3, 2}).contiguous()
+      .reshape({g.G, g.Coutg(), g.K * g.Cg()});
+}
+
+at::Tensor deform_conv2d_forward_cpu(const at::Tensor& input, const at::Tensor& weight,
+                                     const at::Tensor& offset, const std::optional<at::Tensor>& mask,
+                                     const std::optional<at::Tensor>& bias, at::IntArrayRef stride,
+                                     at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
+                                     int64_t offset_groups) {
+  const Geometry g = make_geometry(input, weight, offset, mask, stride, padding, dilation, groups, offset_groups);
+  const auto ct = compute_type(input.scalar_type());
+  at::Tensor out = at::zeros({g.N, g.Cout, g.Ho, g.Wo}, input.options().dtype(ct));
+  if (g.N == 0) return out.to(input.scalar_type());
+  const at::Tensor x_cl = input.to(ct).permute({0, 2, 3, 1}).contiguous();
+  const at::Tensor off_r = rows(offset, ct);
+  const at::Tensor mask_r = mask ? rows(*mask, ct) : at::Tensor();
+  const at::Tensor wmat = weight_matrix(weight, g, ct);
+  const int64_t P = tile_pixels(g, at::elementSize(ct));
+  at::Tensor col = at::empty({P, g.G, g.K * g.Cg()}, x_cl.options());
+
+  AT_DISPATCH_FLOATING_TYPES(ct, "dcnv2_deform_conv2d_forward", [&] {
+    TapReader<scalar_t> taps{g, off_r.data_ptr<scalar_t>(), mask ? mask_r.data_ptr<scalar_t>() : nullptr};
+    for (int64_t n = 0; n < g.N; ++n) {
+      for (int64_t p0 = 0; p0 < g.L; p0 += P) {
+        const int64_t p1 = std::min(g.L, p0 + P), np = p1 - p0;
+        fill_columns<scalar_t>(g, taps, x_cl.data_ptr<scalar_t>(), n, p0, p1, col.data_ptr<scalar_t>());
+        at::Tensor out_n = out[n].view({g.G, g.Coutg(), g.L});
+        for (int64_t grp = 0; grp < g.G; ++grp) {
+          at::Tensor dst = out_n[grp].narrow(1, p0, np);                  // [Coutg, np], ld = L
+          at::Tensor cols = col.narrow(0, 0, np).select(1, grp);        // [np, K*Cg]
+          at::mm_out(dst, wmat[grp], cols.t());
+        }
+      }
+    }
+  });
+  if (bias && bias->defined()) out.add_(bias->to(ct).view({1, g.Cout, 1, 1}));
+  return out.to(input.scalar_type());
+}
+
+// Channel blocks of the backward pass: never crossing an offset-group or group boundary.
+struct Block {
+  int64_t c0, c1, og, grp;
+};
+
+std::vector<Block> channel_blocks(const Geometry& g) {
+  std::vector<Block> blocks;
+  const int64_t Cg = g.Cg(), Cog = g.Cog();
+  for (int64_t c = 0; c < g.C;) {
+    const int64_t og = c / Cog, grp = c / Cg;
+    const int64_t end = std::min({c + kChannelBlock, (og + 1) * Cog, (grp + 1) * Cg});
+    blocks.push_back({c, end, og, grp});
+    c = end;
+  }
+  return blocks;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> deform_conv2d_backward_cpu(
+    const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight,
+    const at::Tensor& offset, const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>& bias,
+    at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
+    int64_t offset_groups) {
+  const Geometry g = make_geometry(input, weight, offset, mask, stride, padding, dilation, groups, offset_groups);
+  TORCH_CHECK_VALUE(grad_output.sizes() == at::IntArrayRef({g.N, g.Cout, g.Ho, g.Wo}),
+                    "deform_conv2d backward: grad_output has shape ", grad_output.sizes());
+  const auto ct = compute_type(input.scalar_type());
+  const auto opts = input.options().dtype(ct);
+  at::Tensor grad_in_cl = at::zeros({g.N, g.H, g.W, g.C}, opts);
+  at::Tensor grad_off_r = at::zeros({g.N, g.L, g.OG * 2 * g.K}, opts);
+  at::Tensor grad_mask_r = mask ? at::zeros({g.N, g.L, g.OG * g.K}, opts) : at::Tensor();
+  at::Tensor grad_w = at::zeros({g.G, g.Coutg(), g.K * g.Cg()}, opts);
+
+  if (g.N > 0) {
+    const at::Tensor x_cl = input.to(ct).permute({0, 2, 3, 1}).contiguous();
+    const at::Tensor off_r = rows(offset, ct);
+    const at::Tensor mask_r = mask ? rows(*mask, ct) : at::Tensor();
+    const at::Tensor wmat = weight_matrix(weight, g, ct);
+    const at::Tensor go = grad_output.to(ct).contiguous().view({g.N, g.G, g.Coutg(), g.L});
+    const int64_t P = tile_pixels(g, at::elementSize(ct));
+    at::Tensor col = at::empty({P, g.G, g.K * g.Cg()}, opts);
+    at::Tensor gcol = at::empty({P, g.G, g.K * g.Cg()}, opts);
+    const std::vector<Block> blocks = channel_blocks(g);
+    const int64_t NB = static_cast<int64_t>(blocks.size());
+    // per block, pixel and tap: partial (d/dy, d/dx, d/dmask) over the block's channels
+    at::Tensor partial = at::empty({NB, P, g.K, 3}, opts);
+
+    AT_DISPATCH_FLOATING_TYPES(ct, "dcnv2_deform_conv2d_backward", [&] {
+      using T = scalar_t;
+      TapReader<T> taps{g, off_r.data_ptr<T>(), mask ? mask_r.data_ptr<T>() : nullptr};
+      const T* x = x_cl.data_ptr<T>();
+      T* gin = grad_in_cl.data_ptr<T>();
+      T* goff = grad_off_r.data_ptr<T>();
+      T* gmask = mask ? grad_mask_r.data_ptr<T>() : nullptr;
+      T* part = partial.data_ptr<T>();
+      const T* gc = gcol.data_ptr<T>();
+      const int64_t C = g.C, K = g.K, Cg = g.Cg(), HW = g.H * g.W;
+      for (int64_t n = 0; n < g.N; ++n) {
+        const T* img = x + n * HW * C;
+        T* gimg = gin + n * HW * C;
+        for (int64_t p0 = 0; p0 < g.L; p0 += P) {
+          const int64_t p1 = std::min(g.L, p0 + P), np = p1 - p0;
+          fill_columns<T>(g, taps, x, n, p0, p1, col.data_ptr<T>());
+          for (int64_t grp = 0; grp < g.G; ++grp) {
+            at::Tensor go_t = go[n][grp].narrow(1, p0, np);                 // [Coutg, np]
+            at::Tensor cols = col.narrow(0, 0, np).select(1, grp);        // [np, K*Cg]
+            grad_w[grp].addmm_(go_t, cols);
+            at::Tensor gdst = gcol.narrow(0, 0, np).select(1, grp);
+            at::mm_out(gdst, go_t.t(), wmat[grp]);
+          }
+          at::parallel_for(0, NB, 1, [&](int64_t b0, int64_t b1) {
+            Corners<T> cr;
+            for (int64_t b = b0; b < b1; ++b) {
+              const Block& blk = blocks[b];
+              const int64_t len = blk.c1 - blk.c0;
+              for (int64_t p = p0; p < p1; ++p) {
+                T* pp = part + ((b * P + (p - p0)) * K) * 3;
+                for (int64_t k = 0; k < K; ++k, pp += 3) {
+                  T y, xx, m;
+                  taps.sample(n, p, blk.og, k, y, xx, m);
+                  cr.set(y, xx, g.H, g.W);
+                  T gy = 0, gx = 0, gm = 0;
+                  const T* gv = gc + (p - p0) * K * C + blk.grp * K * Cg + k * Cg + (blk.c0 - blk.grp * Cg);
+                  for (int t = 0; t < cr.n; ++t) {
+                    const int64_t base = cr.idx[t] * C + blk.c0;
+                    const T* s = img + base;
+                    T* d = gimg + base;
+                    const T wm = cr.w[t] * m;
+                    T dot = 0;
+                    for (int64_t q = 0; q < len; ++q) {
+                      d[q] += wm * gv[q];
+                      dot += gv[q] * s[q];
+                    }
+                    gy += dot * cr.dwdy[t];
+                    gx += dot * cr.dwdx[t];
+                    gm += dot * cr.w[t];
+                  }
+                  pp[0] = gy * m;
+                  pp[1] = gx * m;
+                  pp[2] = gm;
+                }
+              }
+            }
+          });
+          // reduce the block partials in block order (deterministic)
+          at::parallel_for(p0, p1, 64, [&](int64_t q0, int64_t q1) {
+            for (int64_t p = q0; p < q1; ++p) {
+              T* go_row = goff + (n * g.L + p) * g.OG * 2 * K;
+              T* gm_row = gmask ? gmask + (n * g.L + p) * g.OG * K : nullptr;
+              for (int64_t b = 0; b < NB; ++b) {
+                const int64_t og = blocks[b].og;
+                const T* pp = part + ((b * P + (p - p0)) * K) * 3;
+                for (int64_t k = 0; k < K; ++k) {
+                  go_row[og * 2 * K + 2 * k] += pp[3 * k];
+                  go_row[og * 2 * K + 2 * k + 1] += pp[3 * k + 1];
+                  if (gm_row) gm_row[og * K + k] += pp[3 * k + 2];
+                }
+              }
+            }
+          });
+        }
+      }
+    });
+  }
+
+  const auto in_t = input.scalar_type();
+  at::Tensor grad_input = grad_in_cl.permute({0, 3, 1, 2}).contiguous().to(in_t);
+  at::Tensor grad_offset = grad_off_r.view({g.N, g.Ho, g.Wo, g.OG * 2 * g.K}).permute({0, 3, 1, 2}).contiguous().to(in_t);
+  at::Tensor grad_mask = mask ? grad_mask_r.view({g.N, g.Ho, g.Wo, g.OG * g.K}).permute({0, 3, 1, 2}).contiguous().to(in_t)
+                              : at::empty({0}, input.options());
+  at::Tensor grad_weight = grad_w.view({g.G, g.Coutg(), g.K, g.Cg()}).permute({0, 1, 3, 2}).contiguous()
+                               .view({g.Cout, g.Cg(), g.kh, g.kw}).to(in_t);
+  at::Tensor grad_bias = (bias && bias->defined()) ? grad_output.to(ct).sum({0, 2, 3}).to(in_t) : at::empty({0}, input.options());
+  return {grad_input, grad_weight, grad_offset, grad_mask, grad_bias};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(dcnv2, CPU, m) {
+  m.impl("deform_conv2d", &deform_conv2d_forward_cpu);
+  m.impl("_deform_conv2d_backward", &deform_conv2d_backward_cpu);
+}
+
+}  // namespace dcnv2
