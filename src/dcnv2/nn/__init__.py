@@ -1,2 +1,5 @@
 """nn.Module layers built on dcnv2.ops."""
-__all__ = []
+from dcnv2.nn.deform_conv import DeformConv2d, ModulatedDeformConv2d
+from dcnv2.nn.param_groups import offset_parameters, param_groups
+
+__all__ = ["DeformConv2d", "ModulatedDeformConv2d", "param_groups", "offset_parameters"]
