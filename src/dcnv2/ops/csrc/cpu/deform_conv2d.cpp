@@ -16,6 +16,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <vector>
 
 namespace dcnv2 {
@@ -79,9 +80,18 @@ struct TapReader {
   }
 };
 
+int64_t column_budget() {
+  static const int64_t budget = [] {
+    const char* env = std::getenv("DCNV2_TILE_BYTES");  // tuning knob for benchmarks
+    const long long v = env ? std::atoll(env) : 0;
+    return v > 0 ? static_cast<int64_t>(v) : kColumnBudgetBytes;
+  }();
+  return budget;
+}
+
 int64_t tile_pixels(const Geometry& g, size_t elem) {
   const int64_t per_pixel = std::max<int64_t>(1, g.K * g.C * static_cast<int64_t>(elem));
-  return std::min(g.L, std::max(kMinTilePixels, kColumnBudgetBytes / per_pixel));
+  return std::min(g.L, std::max(kMinTilePixels, column_budget() / per_pixel));
 }
 
 // col[p - p0] = [G, K, Cg] modulated bilinear samples for output pixels [p0, p1) of image n.
@@ -108,6 +118,11 @@ void fill_columns(const Geometry& g, const TapReader<T>& taps, const T* x_cl, in
             T* dst = row + grp * K * Cg + k * Cg + (c - grp * Cg);
             if (cr.n == 0) {
               std::fill(dst, dst + len, T(0));
+            } else if (cr.n == 4) {  // the common case: one pass over the destination
+              const T *s0 = img + cr.idx[0] * C + c, *s1 = img + cr.idx[1] * C + c;
+              const T *s2 = img + cr.idx[2] * C + c, *s3 = img + cr.idx[3] * C + c;
+              const T w0 = cw[0], w1 = cw[1], w2 = cw[2], w3 = cw[3];
+              for (int64_t q = 0; q < len; ++q) dst[q] = w0 * s0[q] + w1 * s1[q] + w2 * s2[q] + w3 * s3[q];
             } else {
               const T* s0 = img + cr.idx[0] * C + c;
               const T w0 = cw[0];

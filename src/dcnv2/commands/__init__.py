@@ -1,0 +1,1 @@
+"""One module per ``dcnv2`` CLI command (see ``dcnv2.cli``)."""
