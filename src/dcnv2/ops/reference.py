@@ -88,7 +88,8 @@ def deform_conv2d(
     x = base_x.to(dt) + off[:, :, :, 1]
 
     imgs = input.reshape(N * OG, Cog, H, W)
-    vals = bilinear_gather(imgs, y.reshape(N * OG, -1), x.reshape(N * OG, -1))  # [N*OG, Cog, K*Ho*Wo]
+    S = K * Ho * Wo  # explicit sizes: -1 is ambiguous for an empty batch
+    vals = bilinear_gather(imgs, y.reshape(N * OG, S), x.reshape(N * OG, S))  # [N*OG, Cog, K*Ho*Wo]
     vals = vals.reshape(N, OG, Cog, K, Ho * Wo)
     if mask is not None:
         vals = vals * mask.reshape(N, OG, 1, K, Ho * Wo)

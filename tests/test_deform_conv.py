@@ -1,0 +1,198 @@
+"""dcnv2.ops.deform_conv2d: checked against torchvision's op, the pure-PyTorch reference and gradcheck."""
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision
+
+from dcnv2.ops import deform_conv2d, reference
+from dcnv2.ops._native import HAS_NATIVE
+
+D = torch.float64
+
+
+def random_case(seed: int, N: int | None = None, with_mask: bool = True, dtype=D, scale: float = 2.5):
+    """A random asymmetric configuration with non-integer offsets reaching outside the map."""
+    rng = random.Random(seed)
+    g = torch.Generator().manual_seed(seed)
+    groups = rng.choice([1, 2, 3])
+    og = rng.choice([1, 2, 4]) if groups != 3 else rng.choice([1, 3])
+    Cg = rng.choice([1, 2, 4])
+    C = Cg * groups * og // __import__("math").gcd(groups, og)  # divisible by groups and offset groups
+    Cout = groups * rng.choice([1, 2, 3])
+    kh, kw = rng.choice([1, 2, 3]), rng.choice([1, 3, 4])
+    stride = (rng.choice([1, 2]), rng.choice([1, 3]))
+    padding = (rng.choice([0, 1, 2]), rng.choice([0, 1]))
+    dilation = (rng.choice([1, 2]), rng.choice([1, 3]))
+    H, W = rng.randint(kh * dilation[0] + 1, 12), rng.randint(kw * dilation[1] + 2, 16)
+    N = rng.choice([1, 2, 3]) if N is None else N
+    Ho = (H + 2 * padding[0] - (dilation[0] * (kh - 1) + 1)) // stride[0] + 1
+    Wo = (W + 2 * padding[1] - (dilation[1] * (kw - 1) + 1)) // stride[1] + 1
+    K = kh * kw
+    x = torch.randn(N, C, H, W, generator=g, dtype=dtype)
+    w = torch.randn(Cout, C // groups, kh, kw, generator=g, dtype=dtype)
+    b = torch.randn(Cout, generator=g, dtype=dtype)
+    off = (torch.rand(N, 2 * og * K, Ho, Wo, generator=g, dtype=dtype) - 0.5) * 2 * scale
+    mask = torch.rand(N, og * K, Ho, Wo, generator=g, dtype=dtype) if with_mask else None
+    return x, off, w, b, dict(stride=stride, padding=padding, dilation=dilation), mask
+
+
+@pytest.mark.parametrize("seed", range(24))
+@pytest.mark.parametrize("with_mask", [True, False])
+def test_matches_torchvision_and_reference(seed, with_mask):
+    x, off, w, b, conf, mask = random_case(seed, with_mask=with_mask)
+    ours = deform_conv2d(x, off, w, b, mask=mask, **conf)
+    tv = torchvision.ops.deform_conv2d(x, off, w, b, mask=mask, **conf)
+    ref = reference.deform_conv2d(x, off, w, b, mask=mask, **conf)
+    torch.testing.assert_close(ours, tv, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(ours, ref, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_gradients_match_torchvision(seed):
+    x, off, w, b, conf, mask = random_case(100 + seed)
+    grads = []
+    for fn in (deform_conv2d, torchvision.ops.deform_conv2d):
+        leaves = [t.clone().requires_grad_() for t in (x, off, w, b, mask)]
+        out = fn(leaves[0], leaves[1], leaves[2], leaves[3], mask=leaves[4], **conf)
+        out.backward(torch.cos(torch.arange(out.numel(), dtype=D)).view_as(out))
+        grads.append([t.grad for t in leaves])
+    for name, a, e in zip(("input", "offset", "weight", "bias", "mask"), *grads):
+        torch.testing.assert_close(a, e, rtol=1e-9, atol=1e-9, msg=lambda m: f"grad {name}: {m}")
+
+
+@pytest.mark.parametrize("N", [0, 1, 33])
+def test_batch_sizes(N):
+    x, off, w, b, conf, mask = random_case(7, N=N)
+    ours = deform_conv2d(x, off, w, b, mask=mask, **conf)
+    ref = reference.deform_conv2d(x, off, w, b, mask=mask, **conf)
+    assert ours.shape == ref.shape and ours.shape[0] == N
+    torch.testing.assert_close(ours, ref, rtol=1e-10, atol=1e-10)
+    if N == 0:
+        leaves = [t.clone().requires_grad_() for t in (x, off, w, b, mask)]
+        deform_conv2d(leaves[0], leaves[1], leaves[2], leaves[3], mask=leaves[4], **conf).sum().backward()
+        assert all(t.grad is not None and not t.grad.any() for t in leaves)
+
+
+def test_zero_offset_unit_mask_is_conv2d():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 6, 9, 12, generator=g, dtype=D)
+    w = torch.randn(4, 3, 3, 2, generator=g, dtype=D)
+    b = torch.randn(4, generator=g, dtype=D)
+    conf = dict(stride=(2, 1), padding=(1, 2), dilation=(1, 2))
+    expected = F.conv2d(x, w, b, groups=2, **conf)
+    Ho, Wo = expected.shape[-2:]
+    off = torch.zeros(2, 2 * 6, Ho, Wo, dtype=D)
+    mask = torch.ones(2, 6, Ho, Wo, dtype=D)
+    torch.testing.assert_close(deform_conv2d(x, off, w, b, mask=mask, **conf), expected)
+    torch.testing.assert_close(deform_conv2d(x, off, w, b, **conf), expected)
+
+
+def test_integer_offsets_shift_the_image():
+    """An offset of exactly (+1, -2) everywhere samples the shifted map (zero outside)."""
+    x = torch.randn(1, 3, 8, 9, dtype=D)
+    w = torch.zeros(3, 3, 1, 1, dtype=D)
+    w[:, :, 0, 0] = torch.eye(3, dtype=D)
+    off = torch.zeros(1, 2, 8, 9, dtype=D)
+    off[:, 0], off[:, 1] = 1.0, -2.0
+    out = deform_conv2d(x, off, w)
+    expected = torch.zeros_like(x)
+    expected[:, :, :7, 2:] = x[:, :, 1:, :7]
+    torch.testing.assert_close(out, expected)
+
+
+def test_gradcheck_float64():
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 4, 5, 6, generator=g, dtype=D, requires_grad=True)
+    w = torch.randn(6, 2, 3, 2, generator=g, dtype=D, requires_grad=True)
+    b = torch.randn(6, generator=g, dtype=D, requires_grad=True)
+    # offsets kept away from integers (where bilinear sampling is not differentiable)
+    off = (torch.randint(-3, 3, (2, 2 * 2 * 6, 5, 2), generator=g).to(D) + 0.3
+           + 0.4 * torch.rand(2, 24, 5, 2, generator=g, dtype=D)).requires_grad_()
+    mask = torch.rand(2, 2 * 6, 5, 2, generator=g, dtype=D, requires_grad=True)
+    fn = lambda *t: deform_conv2d(t[0], t[1], t[2], t[3], stride=(1, 2), padding=(1, 0), dilation=(1, 2), mask=t[4])
+    assert torch.autograd.gradcheck(fn, (x, off, w, b, mask), eps=1e-6, atol=1e-5)
+
+
+def test_layouts_channels_last_and_noncontiguous():
+    x, off, w, b, conf, mask = random_case(11, N=2)
+    expected = deform_conv2d(x, off, w, b, mask=mask, **conf)
+    cl = deform_conv2d(x.to(memory_format=torch.channels_last), off.to(memory_format=torch.channels_last),
+                       w.to(memory_format=torch.channels_last), b, mask=mask.to(memory_format=torch.channels_last),
+                       **conf)
+    torch.testing.assert_close(cl, expected, rtol=1e-12, atol=1e-12)
+    # non-contiguous: every tensor a strided view into a larger buffer
+    big = lambda t: torch.stack([t, torch.full_like(t, float("nan"))], dim=-1)[..., 0]  # noqa: E731
+    nc = deform_conv2d(big(x), big(off), big(w), big(b), mask=big(mask), **conf)
+    assert not big(x).is_contiguous()
+    torch.testing.assert_close(nc, expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 3e-2)])
+def test_low_precision(dtype, tol):
+    x, off, w, b, conf, mask = random_case(5, N=2, dtype=torch.float64)
+    expected = reference.deform_conv2d(*(t.to(dtype).to(D) for t in (x, off, w, b)), mask=mask.to(dtype).to(D),
+                                       **conf)
+    out = deform_conv2d(x.to(dtype), off.to(dtype), w.to(dtype), b.to(dtype), mask=mask.to(dtype), **conf)
+    assert out.dtype == dtype
+    scale = expected.abs().max()
+    assert (out.to(D) - expected).abs().max() <= tol * scale
+    leaves = [t.to(dtype).requires_grad_() for t in (x, off, w, b, mask)]
+    deform_conv2d(leaves[0], leaves[1], leaves[2], leaves[3], mask=leaves[4], **conf).sum().backward()
+    assert all(t.grad.dtype == dtype and torch.isfinite(t.grad).all() for t in leaves)
+
+
+def test_backward_is_deterministic():
+    torch.manual_seed(0)
+    x = torch.randn(2, 64, 20, 24, requires_grad=True)
+    w = torch.randn(32, 64, 3, 3, requires_grad=True)
+    off = (torch.randn(2, 18, 20, 24) * 3).requires_grad_()
+    mask = torch.rand(2, 9, 20, 24, requires_grad=True)
+    go = torch.randn(2, 32, 20, 24)
+    runs = []
+    for _ in range(2):
+        for t in (x, w, off, mask):
+            t.grad = None
+        deform_conv2d(x, off, w, padding=1, mask=mask).backward(go)
+        runs.append([t.grad.clone() for t in (x, w, off, mask)])
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.skipif(not HAS_NATIVE, reason="the C++ extension is not built")
+def test_opcheck():
+    x, off, w, b, conf, mask = random_case(21, N=2, dtype=torch.float32)
+    for m, bias in ((mask, b), (None, None)):
+        args = (x.requires_grad_(), w.requires_grad_(), off.requires_grad_(),
+                m.requires_grad_() if m is not None else None, bias, list(conf["stride"]),
+                list(conf["padding"]), list(conf["dilation"]), x.shape[1] // w.shape[1], off.shape[1] // (2 * w.shape[2] * w.shape[3]))
+        torch.library.opcheck(torch.ops.dcnv2.deform_conv2d.default, args)
+
+
+@pytest.mark.skipif(not HAS_NATIVE, reason="the C++ extension is not built")
+def test_torch_compile_fullgraph_forward_backward():
+    torch._dynamo.reset()
+    x, off, w, b, conf, mask = random_case(9, N=2, dtype=torch.float32)
+
+    def fn(x, off, w, b, mask):
+        return (deform_conv2d(x, off, w, b, mask=mask, **conf).relu() * 2).sum()
+
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    leaves_c = [t.clone().requires_grad_() for t in (x, off, w, b, mask)]
+    leaves_e = [t.clone().requires_grad_() for t in (x, off, w, b, mask)]
+    out_c, out_e = compiled(*leaves_c), fn(*leaves_e)
+    out_c.backward()
+    out_e.backward()
+    torch.testing.assert_close(out_c, out_e)
+    for a, e in zip(leaves_c, leaves_e):
+        torch.testing.assert_close(a.grad, e.grad)
+
+
+def test_reference_path_on_meta_device_shapes():
+    """On a device without a native kernel the op runs the reference (meta gives shapes only)."""
+    x, off, w, b, conf, mask = random_case(2, N=2)
+    out = deform_conv2d(x.to("meta"), off.to("meta"), w.to("meta"), b.to("meta"), mask=mask.to("meta"), **conf)
+    assert out.shape == deform_conv2d(x, off, w, b, mask=mask, **conf).shape
