@@ -94,12 +94,12 @@ int64_t tile_pixels(const Geometry& g, size_t elem) {
   return std::min(g.L, std::max(kMinTilePixels, column_budget() / per_pixel));
 }
 
-// col[p - p0] = [G, K, Cg] modulated bilinear samples for output pixels [p0, p1) of image n.
+// col[p - p0] = [G, K, Cg] modulated bilinear samples for output pixels [p0, p1) of image n,
+// whose channels-last copy [H, W, C] is img.
 template <typename T>
-void fill_columns(const Geometry& g, const TapReader<T>& taps, const T* x_cl, int64_t n, int64_t p0,
+void fill_columns(const Geometry& g, const TapReader<T>& taps, const T* img, int64_t n, int64_t p0,
                   int64_t p1, T* col) {
   const int64_t C = g.C, Cg = g.Cg(), Cog = g.Cog(), K = g.K;
-  const T* img = x_cl + n * g.H * g.W * C;
   at::parallel_for(p0, p1, 16, [&](int64_t begin, int64_t end) {
     Corners<T> cr;
     for (int64_t p = begin; p < end; ++p) {
@@ -211,18 +211,20 @@ at::Tensor deform_conv2d_forward_cpu(const at::Tensor& input, const at::Tensor& 
                                      int64_t offset_groups) {
   const Geometry g = make_geometry(input, weight, offset, mask, stride, padding, dilation, groups, offset_groups);
   const auto ct = compute_type(input.scalar_type());
-  at::Tensor out = at::zeros({g.N, g.Cout, g.Ho, g.Wo}, input.options().dtype(ct));
+  // every output element is written by exactly one tile GEMM, so no zero-fill is needed
+  at::Tensor out = at::empty({g.N, g.Cout, g.Ho, g.Wo}, input.options().dtype(ct));
   if (g.N == 0) return out.to(input.scalar_type());
-  const at::Tensor x_cl = input.to(ct).permute({0, 2, 3, 1}).contiguous();
   const at::Tensor off_r = rows(offset, ct);
   const at::Tensor mask_r = mask ? rows(*mask, ct) : at::Tensor();
   const at::Tensor wmat = weight_matrix(weight, g, ct);
   const int64_t P = tile_pixels(g, at::elementSize(ct));
-  at::Tensor col = at::empty({P, g.G, g.K * g.Cg()}, x_cl.options());
+  at::Tensor col = at::empty({P, g.G, g.K * g.Cg()}, out.options());
+  at::Tensor x_cl = at::empty({g.H, g.W, g.C}, out.options());  // one image at a time: bounded workspace
 
   AT_DISPATCH_FLOATING_TYPES(ct, "dcnv2_deform_conv2d_forward", [&] {
     TapReader<scalar_t> taps{g, off_r.data_ptr<scalar_t>(), mask ? mask_r.data_ptr<scalar_t>() : nullptr};
     for (int64_t n = 0; n < g.N; ++n) {
+      x_cl.copy_(input[n].permute({1, 2, 0}));
       for (int64_t p0 = 0; p0 < g.L; p0 += P) {
         const int64_t p1 = std::min(g.L, p0 + P), np = p1 - p0;
         fill_columns<scalar_t>(g, taps, x_cl.data_ptr<scalar_t>(), n, p0, p1, col.data_ptr<scalar_t>());
@@ -266,13 +268,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> deform_co
                     "deform_conv2d backward: grad_output has shape ", grad_output.sizes());
   const auto ct = compute_type(input.scalar_type());
   const auto opts = input.options().dtype(ct);
-  at::Tensor grad_in_cl = at::zeros({g.N, g.H, g.W, g.C}, opts);
+  at::Tensor grad_in = at::empty({g.N, g.C, g.H, g.W}, opts);
   at::Tensor grad_off_r = at::zeros({g.N, g.L, g.OG * 2 * g.K}, opts);
   at::Tensor grad_mask_r = mask ? at::zeros({g.N, g.L, g.OG * g.K}, opts) : at::Tensor();
   at::Tensor grad_w = at::zeros({g.G, g.Coutg(), g.K * g.Cg()}, opts);
 
   if (g.N > 0) {
-    const at::Tensor x_cl = input.to(ct).permute({0, 2, 3, 1}).contiguous();
+    // one image at a time in channels-last: the workspace does not grow with the batch
+    at::Tensor x_cl = at::empty({g.H, g.W, g.C}, opts);
+    at::Tensor grad_in_cl = at::empty({g.H, g.W, g.C}, opts);
     const at::Tensor off_r = rows(offset, ct);
     const at::Tensor mask_r = mask ? rows(*mask, ct) : at::Tensor();
     const at::Tensor wmat = weight_matrix(weight, g, ct);
@@ -288,19 +292,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> deform_co
     AT_DISPATCH_FLOATING_TYPES(ct, "dcnv2_deform_conv2d_backward", [&] {
       using T = scalar_t;
       TapReader<T> taps{g, off_r.data_ptr<T>(), mask ? mask_r.data_ptr<T>() : nullptr};
-      const T* x = x_cl.data_ptr<T>();
-      T* gin = grad_in_cl.data_ptr<T>();
+      const T* img = x_cl.data_ptr<T>();
+      T* gimg = grad_in_cl.data_ptr<T>();
       T* goff = grad_off_r.data_ptr<T>();
       T* gmask = mask ? grad_mask_r.data_ptr<T>() : nullptr;
       T* part = partial.data_ptr<T>();
       const T* gc = gcol.data_ptr<T>();
-      const int64_t C = g.C, K = g.K, Cg = g.Cg(), HW = g.H * g.W;
+      const int64_t C = g.C, K = g.K, Cg = g.Cg();
       for (int64_t n = 0; n < g.N; ++n) {
-        const T* img = x + n * HW * C;
-        T* gimg = gin + n * HW * C;
+        x_cl.copy_(input[n].permute({1, 2, 0}));
+        grad_in_cl.zero_();
         for (int64_t p0 = 0; p0 < g.L; p0 += P) {
           const int64_t p1 = std::min(g.L, p0 + P), np = p1 - p0;
-          fill_columns<T>(g, taps, x, n, p0, p1, col.data_ptr<T>());
+          fill_columns<T>(g, taps, img, n, p0, p1, col.data_ptr<T>());
           for (int64_t grp = 0; grp < g.G; ++grp) {
             at::Tensor go_t = go[n][grp].narrow(1, p0, np);                 // [Coutg, np]
             at::Tensor cols = col.narrow(0, 0, np).select(1, grp);        // [np, K*Cg]
@@ -359,12 +363,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> deform_co
             }
           });
         }
+        grad_in[n].copy_(grad_in_cl.permute({2, 0, 1}));
       }
     });
   }
 
   const auto in_t = input.scalar_type();
-  at::Tensor grad_input = grad_in_cl.permute({0, 3, 1, 2}).contiguous().to(in_t);
+  at::Tensor grad_input = grad_in.to(in_t);
   at::Tensor grad_offset = grad_off_r.view({g.N, g.Ho, g.Wo, g.OG * 2 * g.K}).permute({0, 3, 1, 2}).contiguous().to(in_t);
   at::Tensor grad_mask = mask ? grad_mask_r.view({g.N, g.Ho, g.Wo, g.OG * g.K}).permute({0, 3, 1, 2}).contiguous().to(in_t)
                               : at::empty({0}, input.options());

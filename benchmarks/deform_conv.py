@@ -1,0 +1,189 @@
+"""Deformable convolution on CPU: ours vs torchvision's op vs a dense conv of the same shape.
+
+The 3x3 layers of ResNet-50 stages c3, c4, c5 at 800 px shorter side, modulated, float32, all cores.
+Everything runs side by side in one process; each time is the best of --repeats runs, and the table
+prints ratios (the absolute times of a shared machine mean little on their own).
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+
+import torch
+import torch.nn.functional as F
+import torchvision
+
+import dcnv2
+
+LAYERS = [  # (stage, channels, height, width)
+    ("c3", 128, 100, 167),
+    ("c4", 256, 50, 84),
+    ("c5", 512, 25, 42),
+]
+
+
+def best_time(fn, repeats: int) -> float:
+    fn()  # warm-up
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def _rss_bytes(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def peak_extra_memory(fn) -> int:
+    """Peak resident memory during ``fn`` beyond what was resident before it.
+
+    The larger of Linux's peak-RSS watermark (VmHWM, reset before the call) and a 0.2 ms poll of the
+    resident set from a watcher thread (the kernel's watermark can miss pages touched by worker
+    threads). Meaningful in a process started with a small ``MALLOC_MMAP_THRESHOLD_`` (see
+    ``measure_memory``), so that freed buffers go back to the system and large allocations show up.
+    """
+    gc.collect()
+    page = os.sysconf("SC_PAGE_SIZE")
+    fd = os.open("/proc/self/statm", os.O_RDONLY)
+    peak = [0]
+    done = threading.Event()
+
+    def watch():
+        while not done.is_set():
+            peak[0] = max(peak[0], int(os.pread(fd, 64, 0).split()[1]) * page)
+            time.sleep(0.0002)
+
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset the peak-RSS watermark
+    before = _rss_bytes("VmRSS")
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    try:
+        fn()
+    finally:
+        done.set()
+        watcher.join()
+        os.close(fd)
+    return max(0, max(_rss_bytes("VmHWM"), peak[0]) - before)
+
+
+def measure_memory(batches) -> dict:
+    """Each measurement runs in a fresh child process (so no buffer cached by an earlier call hides an
+    allocation) whose allocator returns freed memory to the system."""
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
+    result = {}
+    for stage, *_ in LAYERS:
+        for N in batches:
+            for mode in ("fwd", "fwdbwd"):
+                for impl in ("ours", "tv"):
+                    cmd = [sys.executable, __file__, "--memory-case", stage, str(N), mode, impl]
+                    out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stdout
+                    result[(stage, str(N), mode, impl)] = int(out.strip().splitlines()[-1])
+    return result
+
+
+def memory_case(stage: str, N: int, mode: str, impl: str) -> None:
+    C, H, W = next((c, h, w) for s, c, h, w in LAYERS if s == stage)
+    op = dcnv2.ops.deform_conv2d if impl == "ours" else torchvision.ops.deform_conv2d
+    x, w, off, mask = make_case(C, H, W, N, requires_grad=mode == "fwdbwd")
+    # workspace = peak extra memory minus the results themselves (the output; for fwd+bwd also the
+    # four gradients), which every implementation must allocate
+    out_bytes = N * C * H * W * 4
+    if mode == "fwd":
+        with torch.no_grad():
+            print(peak_extra_memory(lambda: op(x, off, w, padding=1, mask=mask)) - out_bytes)
+    else:
+        go = torch.randn(N, C, H, W)
+        grads = sum(t.numel() * 4 for t in (x, w, off, mask))
+        print(peak_extra_memory(lambda: op(x, off, w, padding=1, mask=mask).backward(go)) - out_bytes - grads)
+
+
+def make_case(C: int, H: int, W: int, N: int, requires_grad: bool):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(N, C, H, W, generator=g)
+    w = torch.randn(C, C, 3, 3, generator=g) * 0.01
+    off = torch.randn(N, 18, H, W, generator=g) * 2
+    mask = torch.rand(N, 9, H, W, generator=g)
+    tensors = [x, w, off, mask]
+    if requires_grad:
+        for t in tensors:
+            t.requires_grad_(True)
+    return tensors
+
+
+def run(repeats: int, batches) -> list[dict]:
+    memory = measure_memory(batches)
+    rows = []
+    for stage, C, H, W in LAYERS:
+        for N in batches:
+            x, w, off, mask = make_case(C, H, W, N, requires_grad=False)
+            ours = lambda: dcnv2.ops.deform_conv2d(x, off, w, padding=1, mask=mask)  # noqa: E731
+            tv = lambda: torchvision.ops.deform_conv2d(x, off, w, padding=1, mask=mask)  # noqa: E731
+            dense = lambda: F.conv2d(x, w, padding=1)  # noqa: E731
+            with torch.no_grad():
+                f_ours, f_tv, f_dense = (best_time(f, repeats) for f in (ours, tv, dense))
+
+            xg, wg, offg, maskg = make_case(C, H, W, N, requires_grad=True)
+            go = torch.randn(N, C, H, W)
+
+            def fb(fn):
+                def step():
+                    y = fn()
+                    y.backward(go)
+                    for t in (xg, wg, offg, maskg):
+                        t.grad = None
+                return step
+
+            b_ours = best_time(fb(lambda: dcnv2.ops.deform_conv2d(xg, offg, wg, padding=1, mask=maskg)), repeats)
+            b_tv = best_time(fb(lambda: torchvision.ops.deform_conv2d(xg, offg, wg, padding=1, mask=maskg)),
+                             max(1, repeats // 2))
+            b_dense = best_time(fb(lambda: F.conv2d(xg, wg, padding=1)), repeats)
+            m = {k[2:]: v for k, v in memory.items() if k[:2] == (stage, str(N))}
+            rows.append(dict(stage=stage, C=C, H=H, W=W, N=N, f_ours=f_ours, f_tv=f_tv, f_dense=f_dense,
+                             b_ours=b_ours, b_tv=b_tv, b_dense=b_dense, m_ours=m[("fwd", "ours")],
+                             m_tv=m[("fwd", "tv")], mb_ours=m[("fwdbwd", "ours")], mb_tv=m[("fwdbwd", "tv")]))
+            print_row(rows[-1], header=len(rows) == 1)
+    return rows
+
+
+def print_row(r: dict, header: bool) -> None:
+    if header:
+        print("| layer | N | fwd ours/dense | fwd tv/ours | fwd+bwd ours/dense | fwd+bwd tv/ours "
+              "| workspace fwd ours / tv (MB) | workspace fwd+bwd ours / tv (MB) |")
+        print("|---|---|---|---|---|---|---|---|")
+    mb = 1 << 20
+    print(f"| {r['stage']} C={r['C']} {r['H']}x{r['W']} | {r['N']} "
+          f"| {r['f_ours'] / r['f_dense']:.2f}x | {r['f_tv'] / r['f_ours']:.1f}x "
+          f"| {r['b_ours'] / r['b_dense']:.2f}x | {r['b_tv'] / r['b_ours']:.1f}x "
+          f"| {r['m_ours'] / mb:.0f} / {r['m_tv'] / mb:.0f} | {r['mb_ours'] / mb:.0f} / {r['mb_tv'] / mb:.0f} |",
+          flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=5, help="repetitions per measurement; the best is kept")
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--memory-case", nargs=4, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.memory_case:
+        stage, N, mode, impl = args.memory_case
+        return memory_case(stage, int(N), mode, impl)
+    print(f"torch {torch.__version__}, torchvision {torchvision.__version__}, {torch.get_num_threads()} threads, "
+          f"float32, modulated, 3x3 pad 1; best of {args.repeats}")
+    run(args.repeats, args.batches)
+
+
+if __name__ == "__main__":
+    main()
