@@ -1,0 +1,270 @@
+"""Deformable RoI pooling layers: DCNv1 (``DeformRoIPool``) and modulated DCNv2 (``ModulatedDeformRoIPool``).
+
+Both pool each RoI twice: plain RoIAlign features feed an fc offset branch (zero-initialised, so a
+fresh layer is RoIAlign, with masks 0.5 for the modulated one), whose normalised offsets (and masks)
+then deform the second pooling. They are called like a single-map op, ``layer(x, rois)``, or like
+``torchvision.ops.MultiScaleRoIAlign``, ``layer(features, proposals, image_shapes)``, so they drop
+into torchvision's ``RoIHeads`` as ``box_roi_pool`` / ``mask_roi_pool``; with several FPN levels
+each RoI is pooled from the level LevelMapper picks, and the offset branch is shared by all levels.
+"""
+from __future__ import annotations
+
+import math
+from typing import Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import Tensor, nn
+from torchvision.ops.poolers import _filter_input, _setup_scales
+
+from dcnv2.ops import _checks
+from dcnv2.ops.deform_roi_pool import deform_roi_pool, rois_to_tensor
+
+__all__ = ["DeformRoIPool", "ModulatedDeformRoIPool"]
+
+
+class _DeformRoIPoolBase(nn.Module):
+    """Shared plumbing: argument checks, the two call forms and the per-level pooling."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        output_size: _checks.IntPair,
+        sampling_ratio: int,
+        gamma: float,
+        spatial_scale: Optional[float],
+        featmap_names: Optional[Sequence[str]],
+        aligned: bool,
+        canonical_scale: int,
+        canonical_level: int,
+    ) -> None:
+        super().__init__()
+        if not isinstance(in_channels, int) or isinstance(in_channels, bool) or in_channels <= 0:
+            raise ValueError(f"in_channels must be a positive int, got {in_channels!r}")
+        ph, pw = _checks.pair("output_size", output_size)
+        if ph <= 0 or pw <= 0:
+            raise ValueError(f"output_size must be positive, got {(ph, pw)}")
+        if not isinstance(sampling_ratio, int) or isinstance(sampling_ratio, bool):
+            raise TypeError(f"sampling_ratio must be an int (<= 0 for adaptive), got {sampling_ratio!r}")
+        if not isinstance(gamma, (int, float)) or isinstance(gamma, bool) or not math.isfinite(gamma):
+            raise ValueError(f"gamma must be a finite number, got {gamma!r}")
+        if spatial_scale is not None and not (
+            isinstance(spatial_scale, (int, float)) and spatial_scale > 0 and math.isfinite(spatial_scale)
+        ):
+            raise ValueError(f"spatial_scale must be None or a positive finite number, got {spatial_scale!r}")
+        if featmap_names is not None:
+            if isinstance(featmap_names, str) or not all(isinstance(n, str) for n in featmap_names):
+                raise TypeError(f"featmap_names must be a list of str, got {featmap_names!r}")
+            if len(featmap_names) == 0:
+                raise ValueError("featmap_names must name at least one feature map, got []")
+            if spatial_scale is not None and len(featmap_names) > 1:
+                raise ValueError(
+                    f"spatial_scale={spatial_scale} fixes a single scale but featmap_names names "
+                    f"{len(featmap_names)} maps; leave it None to infer one scale per map"
+                )
+        if not isinstance(aligned, bool):
+            raise TypeError(f"aligned must be a bool, got {aligned!r}")
+        self.in_channels = in_channels
+        self.output_size: Tuple[int, int] = (ph, pw)
+        self.sampling_ratio = sampling_ratio
+        self.gamma = float(gamma)
+        self.spatial_scale = spatial_scale
+        self.featmap_names = list(featmap_names) if featmap_names is not None else None
+        self.aligned = aligned
+        self.canonical_scale = canonical_scale
+        self.canonical_level = canonical_level
+
+    # -- to be provided by the subclasses ---------------------------------------------------------
+    def offset_branch(self) -> nn.Module:
+        """The submodule predicting offsets (and masks): trained at 0.1x lr by ``param_groups``."""
+        return self.offset_fc
+
+    def predict(self, pooled: Tensor) -> Tuple[Tensor, Optional[Tensor]]:
+        """Offsets Tensor[K, 2, ph, pw] and masks Tensor[K, 1, ph, pw] (or None) from RoIAlign features."""
+        raise NotImplementedError
+
+    # -- forward -----------------------------------------------------------------------------------
+    def forward(
+        self,
+        x: Union[Tensor, Dict[str, Tensor]],
+        rois: Union[Tensor, List[Tensor]],
+        image_shapes: Optional[List[Tuple[int, int]]] = None,
+    ) -> Tensor:
+        """Pools ``rois`` from one map or, MultiScaleRoIAlign-style, from a dict of FPN levels.
+
+        Args:
+            x: Tensor[N, C, H, W], or a dict of feature maps (the maps named by ``featmap_names`` are
+                used, each Tensor[N, C, H_l, W_l]).
+            rois: with a Tensor ``x``, Tensor[K, 5] (batch index, x1, y1, x2, y2) or a list of N
+                Tensor[L, 4]; with a dict, the list of N proposal Tensor[L, 4] in image coordinates.
+            image_shapes: with a dict, the N (height, width) of the images, from which each level's
+                scale is inferred (as MultiScaleRoIAlign does); unused with a Tensor.
+
+        Returns:
+            Tensor[K, C, ph, pw].
+        """
+        feats, scales, levels, roi_t = self._inputs(x, rois, image_shapes)
+        plain = self._pool(feats, scales, levels, roi_t, None, None)
+        offset, mask = self.predict(plain.flatten(1))
+        dtype = feats[0].dtype  # the fc may run in another dtype under autocast
+        offset = offset.to(dtype)
+        mask = mask.to(dtype) if mask is not None else None
+        return self._pool(feats, scales, levels, roi_t, offset, mask)
+
+    def _inputs(self, x, rois, image_shapes):
+        """Returns (feature maps, their scales, per-RoI level or None, Tensor[K, 5] RoIs)."""
+        if isinstance(x, Tensor):
+            _checks.tensor("input", x, 4)
+            self._check_channels("input", x)
+            scale = 1.0 if self.spatial_scale is None else float(self.spatial_scale)
+            return [x], [scale], None, rois_to_tensor(rois, x)
+        if not isinstance(x, dict):
+            raise TypeError(f"x must be a Tensor[N, C, H, W] or a dict of feature maps, got {type(x).__name__}")
+        names = self.featmap_names
+        if names is None:
+            if len(x) != 1:
+                raise ValueError(
+                    f"featmap_names is None but the feature dict has {len(x)} maps {list(x)}; "
+                    "name the maps to pool from"
+                )
+            names = list(x)
+        missing = [n for n in names if n not in x]
+        if missing:
+            raise ValueError(f"featmap_names {missing} not in the feature dict, which has {list(x)}")
+        feats = _filter_input(x, names)
+        for n, f in zip([k for k in x if k in names], feats):
+            _checks.tensor(f"features[{n!r}]", f, 4, like=feats[0])
+            self._check_channels(f"features[{n!r}]", f)
+        if not isinstance(rois, (list, tuple)):
+            raise TypeError(f"with a feature dict, proposals must be a list of Tensor[L, 4], got {type(rois).__name__}")
+        if image_shapes is None or len(image_shapes) == 0:
+            raise ValueError("with a feature dict, image_shapes (the (height, width) of each image) is required")
+        roi_t = rois_to_tensor(list(rois), feats[0])
+        if len(feats) == 1 and self.spatial_scale is not None:
+            return feats, [float(self.spatial_scale)], None, roi_t
+        scales, mapper = _setup_scales(feats, list(image_shapes), self.canonical_scale, self.canonical_level)
+        levels = mapper(list(rois)) if len(feats) > 1 else None
+        return feats, scales, levels, roi_t
+
+    def _check_channels(self, name: str, x: Tensor) -> None:
+        if x.shape[1] != self.in_channels:
+            raise ValueError(f"{name} must have in_channels={self.in_channels} channels, got shape {tuple(x.shape)}")
+
+    def _pool(self, feats, scales, levels, rois, offset, mask) -> Tensor:
+        kw = dict(output_size=self.output_size, sampling_ratio=self.sampling_ratio, gamma=self.gamma,
+                  aligned=self.aligned)
+        if levels is None:
+            return deform_roi_pool(feats[0], rois, offset, mask, spatial_scale=scales[0], **kw)
+        f0 = feats[0]
+        result = f0.new_zeros((rois.shape[0], f0.shape[1]) + self.output_size)
+        for level, (f, scale) in enumerate(zip(feats, scales)):
+            idx = torch.where(levels == level)[0]
+            pooled = deform_roi_pool(
+                f, rois[idx], offset[idx] if offset is not None else None,
+                mask[idx] if mask is not None else None, spatial_scale=scale, **kw,
+            )
+            result = result.index_copy(0, idx, pooled.to(result.dtype))
+        return result
+
+    def extra_repr(self) -> str:
+        s = (f"in_channels={self.in_channels}, output_size={self.output_size}, "
+             f"sampling_ratio={self.sampling_ratio}, gamma={self.gamma}, aligned={self.aligned}")
+        if self.spatial_scale is not None:
+            s += f", spatial_scale={self.spatial_scale}"
+        if self.featmap_names is not None:
+            s += f", featmap_names={self.featmap_names}"
+        return s
+
+
+class DeformRoIPool(_DeformRoIPoolBase):
+    """DCNv1 deformable RoI pooling: RoIAlign -> one fc (zero-initialised) -> 2 * ph * pw offsets.
+
+    Args:
+        in_channels: channels C of the pooled feature maps.
+        output_size: int or (ph, pw); exposed as the tuple ``output_size`` like MultiScaleRoIAlign.
+        sampling_ratio: samples per bin along each axis, <= 0 adaptive.
+        gamma: offset scale (0.1).
+        spatial_scale: map size / image size for the Tensor call (1.0 if None); with a dict of one
+            map it overrides the inferred scale.
+        featmap_names: the maps used in the dict call (None: the dict's only map).
+        aligned: pixel-centre box model of roi_align (``aligned=True``).
+        canonical_scale, canonical_level: FPN level mapping, as in MultiScaleRoIAlign.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        output_size: _checks.IntPair = 7,
+        sampling_ratio: int = 2,
+        gamma: float = 0.1,
+        spatial_scale: Optional[float] = None,
+        featmap_names: Optional[Sequence[str]] = None,
+        aligned: bool = True,
+        *,
+        canonical_scale: int = 224,
+        canonical_level: int = 4,
+    ) -> None:
+        super().__init__(in_channels, output_size, sampling_ratio, gamma, spatial_scale, featmap_names, aligned,
+                         canonical_scale, canonical_level)
+        ph, pw = self.output_size
+        self.offset_fc = nn.Linear(in_channels * ph * pw, 2 * ph * pw)
+        nn.init.zeros_(self.offset_fc.weight)
+        nn.init.zeros_(self.offset_fc.bias)
+
+    def predict(self, pooled: Tensor) -> Tuple[Tensor, Optional[Tensor]]:
+        return self.offset_fc(pooled).view(-1, 2, *self.output_size), None
+
+
+class ModulatedDeformRoIPool(_DeformRoIPoolBase):
+    """DCNv2 modulated deformable RoI pooling (eq. 2 of the paper).
+
+    RoIAlign -> fc ``hidden_channels`` -> ReLU -> fc ``hidden_channels`` -> ReLU (weights N(0, 0.01))
+    -> fc 3 * ph * pw (zero-initialised): 2 * ph * pw normalised offsets (x then y), ph * pw ->
+    sigmoid -> masks. A fresh layer is RoIAlign times 0.5.
+
+    Args:
+        hidden_channels: width of the two hidden fc layers (1024).
+        Others: as in :class:`DeformRoIPool`.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        output_size: _checks.IntPair = 7,
+        sampling_ratio: int = 2,
+        gamma: float = 0.1,
+        hidden_channels: int = 1024,
+        spatial_scale: Optional[float] = None,
+        featmap_names: Optional[Sequence[str]] = None,
+        aligned: bool = True,
+        *,
+        canonical_scale: int = 224,
+        canonical_level: int = 4,
+    ) -> None:
+        super().__init__(in_channels, output_size, sampling_ratio, gamma, spatial_scale, featmap_names, aligned,
+                         canonical_scale, canonical_level)
+        if not isinstance(hidden_channels, int) or isinstance(hidden_channels, bool) or hidden_channels <= 0:
+            raise ValueError(f"hidden_channels must be a positive int, got {hidden_channels!r}")
+        self.hidden_channels = hidden_channels
+        ph, pw = self.output_size
+        self.offset_fc = nn.Sequential(
+            nn.Linear(in_channels * ph * pw, hidden_channels),
+            nn.ReLU(inplace=True),
+            nn.Linear(hidden_channels, hidden_channels),
+            nn.ReLU(inplace=True),
+            nn.Linear(hidden_channels, 3 * ph * pw),
+        )
+        for layer in (self.offset_fc[0], self.offset_fc[2]):
+            nn.init.normal_(layer.weight, std=0.01)
+            nn.init.zeros_(layer.bias)
+        nn.init.zeros_(self.offset_fc[4].weight)
+        nn.init.zeros_(self.offset_fc[4].bias)
+
+    def predict(self, pooled: Tensor) -> Tuple[Tensor, Optional[Tensor]]:
+        ph, pw = self.output_size
+        out = self.offset_fc(pooled)
+        offset = out[:, : 2 * ph * pw].reshape(-1, 2, ph, pw)
+        mask = torch.sigmoid(out[:, 2 * ph * pw :]).reshape(-1, 1, ph, pw)
+        return offset, mask
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", hidden_channels={self.hidden_channels}"
