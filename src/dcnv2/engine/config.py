@@ -1,0 +1,153 @@
+"""Training configuration and the model description stored in every checkpoint."""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+__all__ = ["TrainConfig", "ModelSpec", "build_model"]
+
+
+@dataclass
+class TrainConfig:
+    """Everything the training loop needs besides the model and the data.
+
+    The schedule is counted in iterations: ``epochs`` (may be fractional) × iterations per epoch, or
+    ``max_iters`` when given; ``lr_steps`` are epochs (also fractional) where the lr is multiplied by
+    ``gamma``. Defaults follow the paper's recipe (SGD 0.02 for 16 images, ×0.1 at epochs 10 and 14 of 16).
+    """
+
+    out: str = "runs/train"
+    epochs: float = 16.0
+    max_iters: Optional[int] = None
+    batch_size: int = 2                      # images per process
+    lr: float = 0.02
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    offset_lr_mult: float = 0.1              # offset / modulation branches (paper: 0.1x)
+    warmup_iters: int = 500
+    warmup_factor: float = 1.0 / 3           # lr multiplier at iteration 0, rising linearly to 1
+    lr_steps: Tuple[float, ...] = (10.0, 14.0)
+    gamma: float = 0.1
+    amp: bool = False                        # autocast: bfloat16 on CPU, float16 (+ GradScaler) on CUDA
+    clip_grad_norm: Optional[float] = None
+    checkpoint_every: int = 1000             # iterations; a checkpoint is also written at the end
+    log_every: int = 20
+    seed: int = 0
+    num_workers: int = 2
+    device: Optional[str] = None             # default: cuda:LOCAL_RANK if available, else cpu
+    progress: bool = True                    # tqdm bar on rank 0
+    find_unused_parameters: bool = False     # DDP option for models with conditionally used branches
+
+    def __post_init__(self) -> None:
+        self.lr_steps = tuple(float(s) for s in self.lr_steps)
+        checks = [
+            ("epochs", self.epochs, self.epochs > 0 if self.max_iters is None else self.epochs >= 0),
+            ("batch_size", self.batch_size, self.batch_size >= 1),
+            ("lr", self.lr, self.lr > 0),
+            ("momentum", self.momentum, 0 <= self.momentum < 1),
+            ("weight_decay", self.weight_decay, self.weight_decay >= 0),
+            ("offset_lr_mult", self.offset_lr_mult, self.offset_lr_mult >= 0),
+            ("warmup_iters", self.warmup_iters, self.warmup_iters >= 0),
+            ("warmup_factor", self.warmup_factor, 0 < self.warmup_factor <= 1),
+            ("gamma", self.gamma, self.gamma > 0),
+            ("checkpoint_every", self.checkpoint_every, self.checkpoint_every >= 1),
+            ("log_every", self.log_every, self.log_every >= 1),
+            ("num_workers", self.num_workers, self.num_workers >= 0),
+        ]
+        if self.max_iters is not None:
+            checks.append(("max_iters", self.max_iters, self.max_iters >= 1))
+        if self.clip_grad_norm is not None:
+            checks.append(("clip_grad_norm", self.clip_grad_norm, self.clip_grad_norm > 0))
+        for name, value, ok in checks:
+            if not ok:  # positive-form checks: NaN fails them
+                raise ValueError(f"TrainConfig.{name}: invalid value {value!r}")
+        if any(not s >= 0 for s in self.lr_steps):
+            raise ValueError(f"TrainConfig.lr_steps must be non-negative epochs, got {self.lr_steps!r}")
+
+    def total_iters(self, iters_per_epoch: int) -> int:
+        if self.max_iters is not None:
+            return int(self.max_iters)
+        return max(1, int(math.ceil(self.epochs * iters_per_epoch)))
+
+    def step_iters(self, iters_per_epoch: int) -> List[int]:
+        return sorted(int(round(s * iters_per_epoch)) for s in self.lr_steps)
+
+    def lr_factor(self, it: int, iters_per_epoch: int) -> float:
+        """Multiplier of every group's initial lr at iteration ``it`` (0-based): warm-up × step decay."""
+        factor = 1.0
+        if it < self.warmup_iters:
+            alpha = it / self.warmup_iters
+            factor = self.warmup_factor * (1 - alpha) + alpha
+        decays = sum(1 for s in self.step_iters(iters_per_epoch) if it >= s)
+        return factor * self.gamma ** decays
+
+    def to_dict(self) -> Dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["lr_steps"] = list(self.lr_steps)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Dict[str, Any]) -> "TrainConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+@dataclass
+class ModelSpec:
+    """What it takes to rebuild a detector from a checkpoint alone (``eval`` and ``predict`` do).
+
+    ``arch`` names a builder in :mod:`dcnv2.models` (``faster_rcnn`` or ``mask_rcnn``); ``kwargs`` are
+    passed through to it (and on to torchvision's FasterRCNN/MaskRCNN: rpn_*, box_*, ...).
+    ``label_to_category_id`` maps the model's contiguous labels 1..K to the data set's category ids.
+    """
+
+    arch: str = "faster_rcnn"
+    preset: str = "regular"
+    backbone: str = "resnet50"
+    fpn: bool = False
+    num_classes: int = 81
+    class_names: List[str] = field(default_factory=list)
+    label_to_category_id: Dict[int, int] = field(default_factory=dict)
+    min_size: int = 800
+    max_size: int = 1333
+    kwargs: Dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def has_masks(self) -> bool:
+        return self.arch == "mask_rcnn"
+
+    def to_dict(self) -> Dict[str, Any]:
+        d = dataclasses.asdict(self)
+        # str keys / plain ints keep the checkpoint weights_only-loadable and JSON-serialisable
+        d["label_to_category_id"] = {str(k): int(v) for k, v in self.label_to_category_id.items()}
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Dict[str, Any]) -> "ModelSpec":
+        names = {f.name for f in dataclasses.fields(cls)}
+        spec = cls(**{k: v for k, v in d.items() if k in names})
+        spec.label_to_category_id = {int(k): int(v) for k, v in spec.label_to_category_id.items()}
+        spec.class_names = list(spec.class_names)
+        return spec
+
+    def class_name(self, label: int) -> str:
+        # class_names may or may not include the background entry
+        names = self.class_names
+        if len(names) == self.num_classes:
+            return str(names[label]) if 0 <= label < len(names) else str(label)
+        if 1 <= label <= len(names):
+            return str(names[label - 1])
+        return str(label)
+
+
+def build_model(spec: ModelSpec):
+    """Builds the (untrained) detector described by ``spec`` with :mod:`dcnv2.models`."""
+    from dcnv2 import models
+
+    builders = {"faster_rcnn": models.faster_rcnn, "mask_rcnn": models.mask_rcnn}
+    if spec.arch not in builders:
+        raise ValueError(f"ModelSpec.arch must be one of {sorted(builders)}, got {spec.arch!r}")
+    return builders[spec.arch](preset=spec.preset, backbone=spec.backbone, num_classes=spec.num_classes,
+                               fpn=spec.fpn, min_size=spec.min_size, max_size=spec.max_size, **spec.kwargs)

@@ -1,0 +1,79 @@
+"""Rebuilding a trained detector from its checkpoint alone, and running it on image files."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import nn
+
+from dcnv2.engine.checkpoint import load_checkpoint
+from dcnv2.engine.config import ModelSpec, build_model
+
+__all__ = ["load_model", "read_image", "predict_images"]
+
+
+def load_model(checkpoint: Union[str, Path], device: Union[str, torch.device] = "cpu") -> Tuple[nn.Module, ModelSpec]:
+    """The detector stored in a training checkpoint (``checkpoint_last.pth`` or ``model_final.pth``), in eval mode.
+
+    Raises:
+        ValueError: the checkpoint has no model description (``model_spec``) to rebuild it from.
+    """
+    state = load_checkpoint(checkpoint)
+    if not state.get("model_spec"):
+        raise ValueError(f"checkpoint {str(checkpoint)!r} has no model_spec: it was not written by `dcnv2 train` "
+                         "(train with a ModelSpec to make it self-describing)")
+    spec = ModelSpec.from_dict(state["model_spec"])
+    model = build_model(spec)
+    model.load_state_dict(state["model"])
+    return model.to(device).eval(), spec
+
+
+def read_image(path: Union[str, Path]) -> torch.Tensor:
+    """An image file as a float tensor [3, H, W] in [0, 1] (grayscale and alpha are converted to RGB)."""
+    from torchvision.io import ImageReadMode, decode_image
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"image {str(path)!r} not found")
+    try:
+        img = decode_image(str(path), mode=ImageReadMode.RGB)
+    except Exception as exc:
+        raise ValueError(f"image {str(path)!r} could not be decoded: {exc}") from exc
+    return img.float() / 255
+
+
+@torch.no_grad()
+def predict_images(model: nn.Module, spec: ModelSpec, images: Sequence[Union[str, Path]], out_dir: Union[str, Path], *,
+                   score_threshold: float = 0.5, device: Optional[torch.device] = None) -> List[Dict[str, object]]:
+    """Runs ``model`` on each image file and writes ``out_dir/<stem>.png`` with its detections drawn.
+
+    Returns:
+        per image ``{"image", "output", "detections": [{"label", "category_id", "class", "score", "box"}]}``
+        (detections at or above ``score_threshold``).
+    """
+    from dcnv2.engine.plots import save_detections
+
+    if not 0 <= score_threshold <= 1:
+        raise ValueError(f"score_threshold must be in [0, 1], got {score_threshold!r}")
+    device = device or next(model.parameters()).device
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.eval()
+    report = []
+    used = set()
+    for path in images:
+        image = read_image(path)
+        pred = {k: v.cpu() for k, v in model([image.to(device)])[0].items()}
+        name = Path(path).stem
+        while name in used:  # two inputs with the same stem must not overwrite each other
+            name += "_"
+        used.add(name)
+        out = out_dir / f"{name}.png"
+        save_detections(image, pred, out, class_name=spec.class_name, score_threshold=score_threshold)
+        keep = pred["scores"] >= score_threshold
+        dets = [{"label": int(l), "category_id": spec.label_to_category_id.get(int(l)), "class": spec.class_name(int(l)),
+                 "score": round(float(s), 4), "box": [round(float(v), 1) for v in b]}
+                for l, s, b in zip(pred["labels"][keep], pred["scores"][keep], pred["boxes"][keep])]
+        report.append({"image": str(path), "output": str(out), "detections": dets})
+    return report
