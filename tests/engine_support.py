@@ -54,7 +54,11 @@ def tiny_detector(num_classes: int = 3, *, masks: bool = False, size: int = 48, 
     kwargs["box_predictor"] = FastRCNNPredictor(64, num_classes)
     kwargs["num_classes"] = None
     if masks:
+        from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
+
         kwargs["mask_roi_pool"] = MultiScaleRoIAlign(["0"], 7, 2)
+        kwargs["mask_head"] = MaskRCNNHeads(backbone.out_channels, (16,), 1)
+        kwargs["mask_predictor"] = MaskRCNNPredictor(16, 16, num_classes)
         return MaskRCNN(backbone, **kwargs)
     return FasterRCNN(backbone, **kwargs)
 
