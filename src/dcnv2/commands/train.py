@@ -1,0 +1,117 @@
+"""``dcnv2 train``: train a Faster/Mask R-CNN preset on a COCO-format data set (``torchrun`` for several processes)."""
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def _kv(text: str):
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser(
+        "train", help="train a detector preset on a COCO-format data set",
+        description="Train a Faster R-CNN / Mask R-CNN preset (SGD, warm-up, step decay, 0.1x lr on offsets). "
+                    "For data-parallel training launch with torchrun, e.g. "
+                    "`torchrun --nproc_per_node 8 -m dcnv2.cli train ...` (add --nnodes/--node_rank/"
+                    "--rdzv_endpoint for several machines).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = p.add_argument_group("model")
+    g.add_argument("--preset", default="regular", help="model preset (see dcnv2.models.presets.PRESETS)")
+    g.add_argument("--arch", choices=["faster_rcnn", "mask_rcnn"], default="faster_rcnn")
+    g.add_argument("--backbone", default="resnet50", help="resnet18/34/50/101, resnext101_32x4d ...")
+    g.add_argument("--fpn", action="store_true", help="FPN variant instead of the paper's conv4/conv5 head")
+    g.add_argument("--weights-backbone", default=None, help="path to backbone weights (state dict)")
+    g.add_argument("--min-size", type=int, default=800, help="test shorter side (and training side unless --train-sizes)")
+    g.add_argument("--max-size", type=int, default=1333, help="longer-side cap")
+    g.add_argument("--train-sizes", type=int, nargs="+", default=None, help="multi-scale training shorter sides")
+    g.add_argument("--model-arg", type=_kv, action="append", default=[], metavar="KEY=VALUE",
+                   help="extra detector argument, e.g. rpn_post_nms_top_n_train=1000 (repeatable)")
+    g = p.add_argument_group("data")
+    g.add_argument("--data", required=True, help="data set root: DIR/annotations/instances_SPLIT.json + DIR/SPLIT/")
+    g.add_argument("--split", default="train")
+    g.add_argument("--no-flip", action="store_true", help="no random horizontal flip")
+    g.add_argument("--workers", type=int, default=2, help="data loader processes per training process")
+    g = p.add_argument_group("schedule")
+    g.add_argument("--epochs", type=float, default=16)
+    g.add_argument("--max-iters", type=int, default=None, help="stop after this many iterations (overrides --epochs)")
+    g.add_argument("--batch-size", type=int, default=2, help="images per process")
+    g.add_argument("--lr", type=float, default=0.02)
+    g.add_argument("--lr-steps", type=float, nargs="*", default=[10, 14], help="epochs where lr is multiplied by --gamma")
+    g.add_argument("--gamma", type=float, default=0.1)
+    g.add_argument("--warmup-iters", type=int, default=500)
+    g.add_argument("--warmup-factor", type=float, default=1 / 3)
+    g.add_argument("--momentum", type=float, default=0.9)
+    g.add_argument("--weight-decay", type=float, default=1e-4)
+    g.add_argument("--offset-lr-mult", type=float, default=0.1, help="lr factor of offset/modulation branches")
+    g.add_argument("--amp", action="store_true", help="mixed precision (bfloat16 on CPU, float16 on CUDA)")
+    g.add_argument("--clip-grad-norm", type=float, default=None)
+    g.add_argument("--seed", type=int, default=0)
+    g = p.add_argument_group("run")
+    g.add_argument("--out", required=True, help="run directory (log.jsonl, checkpoints, loss.png)")
+    g.add_argument("--resume", nargs="?", const=True, default=None, metavar="CHECKPOINT",
+                   help="continue from OUT/checkpoint_last.pth (or the given checkpoint)")
+    g.add_argument("--checkpoint-every", type=int, default=1000, help="iterations")
+    g.add_argument("--log-every", type=int, default=20, help="iterations")
+    g.add_argument("--device", default=None, help="default: cuda:LOCAL_RANK if available, else cpu")
+    g.add_argument("--find-unused-parameters", action="store_true", help="DDP option")
+    g.add_argument("--no-progress", action="store_true")
+    g.add_argument("--eval-split", default=None, help="evaluate the final model on this split (rank 0)")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    import torch
+
+    from dcnv2.engine import ModelSpec, TrainConfig, build_model, evaluate, format_ap_table, train
+    from dcnv2.engine import distributed as D
+    from dcnv2.engine.datasets import load_dataset
+
+    dataset = load_dataset(args.data, args.split, train=True, with_masks=args.arch == "mask_rcnn",
+                           flip=not args.no_flip)
+    spec = ModelSpec(arch=args.arch, preset=args.preset, backbone=args.backbone, fpn=args.fpn,
+                     num_classes=dataset.num_classes, class_names=list(dataset.class_names),
+                     label_to_category_id=dict(dataset.label_to_category_id), min_size=args.min_size,
+                     max_size=args.max_size, kwargs=dict(args.model_arg))
+    if args.weights_backbone:
+        spec.kwargs["weights_backbone"] = args.weights_backbone
+    config = TrainConfig(
+        out=args.out, epochs=args.epochs, max_iters=args.max_iters, batch_size=args.batch_size, lr=args.lr,
+        momentum=args.momentum, weight_decay=args.weight_decay, offset_lr_mult=args.offset_lr_mult,
+        warmup_iters=args.warmup_iters, warmup_factor=args.warmup_factor, lr_steps=tuple(args.lr_steps),
+        gamma=args.gamma, amp=args.amp, clip_grad_norm=args.clip_grad_norm, checkpoint_every=args.checkpoint_every,
+        log_every=args.log_every, seed=args.seed, num_workers=args.workers, device=args.device,
+        progress=not args.no_progress, find_unused_parameters=args.find_unused_parameters)
+    torch.manual_seed(args.seed)  # identical initial weights on every rank (DDP broadcasts rank 0's anyway)
+    model = build_model(spec)
+    if args.train_sizes:
+        model.transform.min_size = tuple(args.train_sizes)  # torchvision picks one per batch while training
+    try:
+        result = train(model, dataset, config, model_spec=spec, resume=args.resume, collate_fn=_collate())
+        if D.is_main_process():
+            print(f"trained {result['iteration']} iterations, last loss {result['loss']:.4f}; "
+                  f"model: {result['final_model']}, log: {result['log']}")
+            if args.eval_split:
+                model.transform.min_size = (args.min_size,)
+                val = load_dataset(args.data, args.eval_split, train=False, with_masks=spec.has_masks)
+                out = evaluate(model, val, label_to_category_id=spec.label_to_category_id,
+                               progress=not args.no_progress, out_dir=f"{args.out}/eval_{args.eval_split}")
+                print(format_ap_table({args.preset: out["metrics"]}))
+    finally:
+        D.cleanup_distributed()
+    return 0
+
+
+def _collate():
+    try:
+        from dcnv2.data import collate_fn
+    except ImportError:
+        return None
+    return collate_fn
