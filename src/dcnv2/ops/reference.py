@@ -194,7 +194,7 @@ def deform_roi_pool(
 
     img_cl = input.permute(0, 2, 3, 1).reshape(N * H * W, C)
     # zeros tied to the input's graph, so bins without samples (or no RoIs) still give zero gradients
-    out = input.new_zeros(K, PH, PW, C) + img_cl[:0].sum()
+    out = input.new_zeros(K, PH, PW, C) + img_cl[:0].sum() + ox[:0].sum() + oy[:0].sum()
     grids = torch.stack([gh, gw], 1).unique(dim=0).tolist() if K else []
     for g_h, g_w in grids:  # one pass per distinct sample grid (a single one unless adaptive)
         sel = torch.nonzero((gh == g_h) & (gw == g_w)).flatten()

@@ -27,6 +27,9 @@
 namespace dcnv2 {
 namespace {
 
+constexpr int64_t kMaxGrid = int64_t(1) << 40;  // samples per bin and axis, adaptive mode
+constexpr int64_t kWalkWhole = 64;             // grids up to this size are walked whole
+
 struct Pool {
   int64_t N, C, H, W, K, PH, PW, PP;
   double spatial_scale, gamma;
@@ -57,12 +60,35 @@ struct Roi {
     }
     bin_h = roi_h / static_cast<T>(p.PH);
     bin_w = roi_w / static_cast<T>(p.PW);
-    // coordinates are finite (checked), so the adaptive grid is a finite integer
-    gh = p.sampling_ratio > 0 ? p.sampling_ratio : static_cast<int64_t>(std::ceil(roi_h / p.PH));
-    gw = p.sampling_ratio > 0 ? p.sampling_ratio : static_cast<int64_t>(std::ceil(roi_w / p.PW));
-    count = static_cast<T>(std::max<int64_t>(gh * gw, 1));
+    // coordinates are finite (checked); the cap only keeps absurd boxes from overflowing int64
+    gh = p.sampling_ratio > 0 ? p.sampling_ratio : adaptive_grid(roi_h, p.PH);
+    gw = p.sampling_ratio > 0 ? p.sampling_ratio : adaptive_grid(roi_w, p.PW);
+    count = static_cast<T>(std::max(static_cast<double>(gh) * static_cast<double>(gw), 1.0));
     gh = std::max<int64_t>(gh, 0);
     gw = std::max<int64_t>(gw, 0);
+  }
+  static int64_t adaptive_grid(T size, int64_t bins) {
+    const double g = std::ceil(static_cast<double>(size / static_cast<T>(bins)));
+    return static_cast<int64_t>(std::min(g, static_cast<double>(kMaxGrid)));
+  }
+  // Sample indices [lo, hi) of a bin starting at `origin` (extent `bin`, `g` samples) whose position
+  // can lie in [-1, size]; the others read 0 and are skipped, so a huge RoI with an adaptive grid
+  // costs about one sample per map pixel instead of ceil(roi size / bins)^2. Small grids are
+  // walked whole (every sample still gets the exact per-sample test), as are non-finite origins
+  // (NaN/inf offsets), whose samples all fail that test.
+  static void range(T origin, T bin, int64_t g, int64_t size, int64_t& lo, int64_t& hi) {
+    lo = 0;
+    hi = g;
+    if (g <= kWalkWhole) return;
+    const double step = static_cast<double>(bin) / static_cast<double>(g);
+    const double a = (-1.0 - origin) / step - 2.5, b = (static_cast<double>(size) - origin) / step + 2.0;
+    if (!(std::isfinite(a) && std::isfinite(b) && step > 0)) {
+      hi = std::isfinite(origin) ? g : 0;
+      return;
+    }
+    lo = a > 0 ? static_cast<int64_t>(std::min(a, static_cast<double>(g))) : 0;
+    hi = b > 0 ? static_cast<int64_t>(std::min(b, static_cast<double>(g))) : 0;
+    hi = std::max(hi, lo);
   }
   inline T sample_y(int64_t i, int64_t iy, T shift) const {
     return start_h + shift + static_cast<T>(i) * bin_h +
@@ -219,9 +245,12 @@ at::Tensor deform_roi_pool_forward_cpu(const at::Tensor& input, const at::Tensor
             T* a = acc.data() + bin * C;
             std::fill(a, a + C, T(0));
             const T sy = def.dy(k, bin, r), sx = def.dx(k, bin, r);
-            for (int64_t iy = 0; iy < r.gh; ++iy) {
+            int64_t y0, y1, x0, x1;
+            Roi<T>::range(r.start_h + sy + static_cast<T>(i) * r.bin_h, r.bin_h, r.gh, p.H, y0, y1);
+            Roi<T>::range(r.start_w + sx + static_cast<T>(j) * r.bin_w, r.bin_w, r.gw, p.W, x0, x1);
+            for (int64_t iy = y0; iy < y1; ++iy) {
               const T y = r.sample_y(i, iy, sy);
-              for (int64_t ix = 0; ix < r.gw; ++ix) {
+              for (int64_t ix = x0; ix < x1; ++ix) {
                 s.set(y, r.sample_x(j, ix, sx), p.H, p.W);
                 if (!s.valid) continue;
                 const T *v0 = base + s.pos[0] * C, *v1 = base + s.pos[1] * C;
@@ -310,9 +339,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> deform_roi_pool_backward_cpu(
                 const T* g = gt.data() + bin * len;
                 const T sy = def.dy(k, bin, r), sx = def.dx(k, bin, r), m = def.m(k, bin);
                 T px = 0, py = 0, pm = 0;
-                for (int64_t iy = 0; iy < r.gh; ++iy) {
+                int64_t y0, y1, x0, x1;
+                Roi<T>::range(r.start_h + sy + static_cast<T>(i) * r.bin_h, r.bin_h, r.gh, p.H, y0, y1);
+                Roi<T>::range(r.start_w + sx + static_cast<T>(j) * r.bin_w, r.bin_w, r.gw, p.W, x0, x1);
+                for (int64_t iy = y0; iy < y1; ++iy) {
                   const T y = r.sample_y(i, iy, sy);
-                  for (int64_t ix = 0; ix < r.gw; ++ix) {
+                  for (int64_t ix = x0; ix < x1; ++ix) {
                     s.set(y, r.sample_x(j, ix, sx), p.H, p.W);
                     if (!s.valid) continue;
                     for (int t = 0; t < 4; ++t) {
