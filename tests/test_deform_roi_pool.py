@@ -439,3 +439,18 @@ def test_hostile_offsets_and_masks_do_not_crash():
     )
     assert proc.returncode == 0, proc.stderr
     assert "clean exit" in proc.stdout
+
+
+@native
+def test_huge_adaptive_grid_skips_only_off_map_samples():
+    # 300 x 300 samples per bin, of which only those on the 10 x 12 map are visited
+    g = torch.Generator().manual_seed(14)
+    x = torch.randn(1, 2, 10, 12, generator=g, dtype=torch.float64)
+    rois = torch.tensor([[0, -290.3, -287.9, 310.1, 312.4], [0, 3.1, 2.2, 8.3, 7.9]], dtype=torch.float64)
+    offset = torch.randn(2, 2, 2, 2, generator=g, dtype=torch.float64)
+    mask = torch.rand(2, 1, 2, 2, generator=g, dtype=torch.float64)
+    for off in (None, offset):
+        got = deform_roi_pool(x, rois, off, mask, 2, sampling_ratio=0, gamma=0.01)
+        expected = reference.deform_roi_pool(x, rois, off, mask, (2, 2), 1.0, 0, 0.01, True)
+        torch.testing.assert_close(got, expected, atol=1e-14, rtol=1e-12)
+    assert got[0].abs().sum() > 0
