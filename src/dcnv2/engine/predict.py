@@ -31,16 +31,18 @@ def load_model(checkpoint: Union[str, Path], device: Union[str, torch.device] = 
 
 def read_image(path: Union[str, Path]) -> torch.Tensor:
     """An image file as a float tensor [3, H, W] in [0, 1] (grayscale and alpha are converted to RGB)."""
-    from torchvision.io import ImageReadMode, decode_image
+    import numpy as np
+    from PIL import Image, UnidentifiedImageError
 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"image {str(path)!r} not found")
     try:
-        img = decode_image(str(path), mode=ImageReadMode.RGB)
-    except Exception as exc:
+        with Image.open(path) as im:
+            arr = np.asarray(im.convert("RGB"), dtype=np.uint8)
+    except (UnidentifiedImageError, OSError) as exc:
         raise ValueError(f"image {str(path)!r} could not be decoded: {exc}") from exc
-    return img.float() / 255
+    return torch.from_numpy(arr.copy()).permute(2, 0, 1).float() / 255
 
 
 @torch.no_grad()

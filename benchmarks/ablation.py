@@ -1,0 +1,80 @@
+"""The paper's Table 1 in miniature: every preset trained with one schedule on the synthetic set, COCO AP.
+
+    python benchmarks/ablation.py --minutes 30 [--out outputs/ablation] [--presets regular dconv-c5 ...]
+
+Every preset gets the same number of iterations (fitted so that all of them together take about
+--minutes on this machine), the same data, seed and recipe as ``dcnv2 demo``. Prints a markdown table
+(and writes it to OUT/ablation.md). With a few minutes per model on a CPU the numbers are noisy: read
+them as a smoke test of every configuration, not as the paper's deltas.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--minutes", type=float, default=30.0, help="wall-clock budget for all presets together")
+    p.add_argument("--out", default="outputs/ablation")
+    p.add_argument("--presets", nargs="+", default=None, help="default: every preset in dcnv2.models.presets")
+    p.add_argument("--iters", type=int, default=None, help="iterations per preset (default: fitted to --minutes)")
+    p.add_argument("--data", default=None, help="existing synthetic data set (default: generate under OUT/data)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--num-train", type=int, default=1600)
+    p.add_argument("--num-val", type=int, default=400)
+    p.add_argument("--image-size", type=int, default=128)
+    p.add_argument("--no-progress", action="store_true")
+    args = p.parse_args(argv)
+
+    t_start = time.perf_counter()
+    import torch
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    from dcnv2 import data
+    from dcnv2.engine.compare import compare_presets
+    from dcnv2.engine.datasets import load_dataset
+    from dcnv2.engine.demo import ensure_synthetic_data
+    from dcnv2.engine.recipes import SyntheticRecipe
+    from dcnv2.models.presets import PRESETS
+
+    presets = args.presets or list(PRESETS)
+    unknown = [x for x in presets if x not in PRESETS]
+    if unknown:
+        p.error(f"unknown presets {unknown}; known: {list(PRESETS)}")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    data_dir = Path(args.data) if args.data else ensure_synthetic_data(
+        out / "data", seed=args.seed, num_train=args.num_train, num_val=args.num_val, image_size=args.image_size)
+    recipe = SyntheticRecipe(image_size=args.image_size)
+    train_set = load_dataset(data_dir, "train", train=True, with_masks=False)
+    val_set = load_dataset(data_dir, "val", train=False, with_masks=False)
+    budget = args.minutes * 60 - (time.perf_counter() - t_start)
+    results = compare_presets(presets, train_set, val_set, out / "runs", recipe=recipe, budget_s=budget,
+                              iters=args.iters, seed=args.seed, progress=not args.no_progress,
+                              log=lambda s: print(s, file=sys.stderr), collate_fn=data.collate_fn)
+    iters = next(iter(results.values()))["iterations"]
+    lines = [
+        f"Synthetic set ({len(train_set)} train / {len(val_set)} val images, {args.image_size} px), "
+        f"{recipe.backbone}{'-FPN' if recipe.fpn else ''} Faster R-CNN from scratch, {iters} iterations x batch "
+        f"{recipe.batch_size} per preset, {torch.get_num_threads()} CPU threads; COCO bbox AP (%).",
+        "",
+        "| preset | AP | AP50 | AP75 | APs | APm | APl | params | s / iter |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name, r in results.items():
+        m = r["metrics"]["bbox"]
+        cells = ["–" if m[k] < 0 else f"{100 * m[k]:.1f}" for k in ("AP", "AP50", "AP75", "APs", "APm", "APl")]
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {r['params'] / 1e6:.2f} M | {r['sec_per_iter']:.2f} |")
+    table = "\n".join(lines)
+    print(table)
+    (out / "ablation.md").write_text(table + "\n")
+    print(f"\nwritten to {out / 'ablation.md'} ({(time.perf_counter() - t_start) / 60:.1f} min)", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

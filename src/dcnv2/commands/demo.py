@@ -1,0 +1,36 @@
+"""``dcnv2 demo``: regular vs DCNv2 Faster R-CNN on the synthetic deformed-objects set, within a time budget."""
+from __future__ import annotations
+
+import argparse
+
+DEFAULT_PRESETS = ("regular", "mdconv-c3c5-mdpool")
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser(
+        "demo", help="train regular and DCNv2 detectors on synthetic data within a time budget, compare their AP",
+        description="Generate the synthetic data set, train a regular and a DCNv2 (mdconv-c3c5-mdpool) Faster "
+                    "R-CNN with the same schedule sized to fit --minutes on this machine, evaluate both with "
+                    "COCOeval and print their AP side by side. Plots (loss curves, detections) go to --out.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--out", default="outputs/demo", help="output directory (data, runs, plots, tables)")
+    p.add_argument("--minutes", type=float, default=12.0,
+                   help="wall-clock budget of the whole demo (data, both trainings, evaluation, plots)")
+    p.add_argument("--presets", nargs="+", default=list(DEFAULT_PRESETS), help="models to compare")
+    p.add_argument("--iters", type=int, default=None, help="iterations per model (default: fitted to --minutes)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--num-train", type=int, default=1600, help="synthetic training images")
+    p.add_argument("--num-val", type=int, default=400, help="synthetic validation images")
+    p.add_argument("--image-size", type=int, default=128)
+    p.add_argument("--backbone", default="resnet18")
+    p.add_argument("--batch-size", type=int, default=None, help="default: the recipe's")
+    p.add_argument("--lr", type=float, default=None, help="default: the recipe's")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+    p.add_argument("--examples", type=int, default=6, help="validation images drawn in detections.png")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from dcnv2.engine.demo import run_demo
+
+    return run_demo(args)

@@ -1,0 +1,114 @@
+"""Small-budget training recipes for the synthetic data set (``dcnv2 demo``, ``benchmarks/ablation.py``).
+
+A 2-core CPU trains a from-scratch detector for a few minutes, so the recipe keeps images small (128 px),
+the backbone small (ResNet-18 + FPN), proposal/RoI counts low (the RoI heads, not the backbone, dominate a
+CPU iteration at this size), and fits the iteration count to a wall-clock budget measured on this machine:
+:func:`seconds_per_iteration` times a few real training steps, :func:`plan_iterations` turns the budget into
+one schedule shared by every model of a comparison.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import time
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Sequence
+
+import torch
+from torch import nn
+
+from dcnv2.engine.config import ModelSpec, TrainConfig
+
+__all__ = ["SyntheticRecipe", "seconds_per_iteration", "seconds_per_image_eval", "plan_iterations"]
+
+
+@dataclass
+class SyntheticRecipe:
+    """Model and optimizer settings tuned for the synthetic set on a small CPU."""
+
+    image_size: int = 128
+    backbone: str = "resnet18"
+    fpn: bool = True
+    arch: str = "faster_rcnn"
+    batch_size: int = 8
+    lr: float = 0.04
+    warmup_iters: int = 50
+    lr_steps: Sequence[float] = (0.75,)      # fraction of the schedule at which the lr decays ×0.1
+    clip_grad_norm: Optional[float] = 10.0   # from-scratch training: tame the first iterations' gradients
+    model_kwargs: Dict[str, Any] = field(default_factory=lambda: dict(
+        rpn_pre_nms_top_n_train=600, rpn_post_nms_top_n_train=300,
+        rpn_pre_nms_top_n_test=300, rpn_post_nms_top_n_test=150,
+        rpn_batch_size_per_image=128, box_batch_size_per_image=64,
+        box_detections_per_img=50,
+    ))
+
+    def model_spec(self, preset: str, dataset) -> ModelSpec:
+        return ModelSpec(arch=self.arch, preset=preset, backbone=self.backbone, fpn=self.fpn,
+                         num_classes=dataset.num_classes, class_names=list(dataset.class_names),
+                         label_to_category_id=dict(dataset.label_to_category_id),
+                         min_size=self.image_size, max_size=self.image_size, kwargs=dict(self.model_kwargs))
+
+    def train_config(self, out: str, iterations: int, iters_per_epoch: int, **overrides) -> TrainConfig:
+        steps = tuple(f * iterations / iters_per_epoch for f in self.lr_steps)
+        kw = dict(out=out, max_iters=iterations, epochs=0, batch_size=self.batch_size, lr=self.lr,
+                  warmup_iters=min(self.warmup_iters, max(1, iterations // 5)), warmup_factor=0.1, lr_steps=steps,
+                  clip_grad_norm=self.clip_grad_norm, checkpoint_every=max(50, iterations // 4), log_every=5,
+                  num_workers=0)
+        kw.update(overrides)
+        return TrainConfig(**kw)
+
+    def to_dict(self) -> Dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _batches(dataset, batch_size: int, count: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(count):
+        idx = torch.randint(len(dataset), (batch_size,), generator=g).tolist()
+        images, targets = zip(*(dataset[i] for i in idx))
+        yield list(images), list(targets)
+
+
+def seconds_per_iteration(model: nn.Module, dataset, batch_size: int, *, steps: int = 2, warmup: int = 1) -> float:
+    """Median wall time of a training step (forward, backward, SGD) of a copy of ``model`` on real batches.
+
+    The copy and its optimizer are thrown away and the global RNG is restored: measuring changes nothing.
+    """
+    trial = copy.deepcopy(model).train()
+    opt = torch.optim.SGD([p for p in trial.parameters() if p.requires_grad], lr=1e-6, momentum=0.9)
+    times: List[float] = []
+    with torch.random.fork_rng(devices=[]):
+        for i, (images, targets) in enumerate(_batches(dataset, batch_size, warmup + steps)):
+            t0 = time.perf_counter()
+            loss = sum(trial(images, targets).values())
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            if i >= warmup:
+                times.append(time.perf_counter() - t0)
+    times.sort()
+    return times[len(times) // 2]
+
+
+@torch.no_grad()
+def seconds_per_image_eval(model: nn.Module, dataset, *, images: int = 4) -> float:
+    """Mean inference time per image (after one warm-up image)."""
+    trial = copy.deepcopy(model).eval()
+    n = min(images, len(dataset))
+    trial([dataset[0][0]])
+    t0 = time.perf_counter()
+    for i in range(n):
+        trial([dataset[i][0]])
+    return (time.perf_counter() - t0) / max(1, n)
+
+
+def plan_iterations(budget_s: float, seconds_per_iter: Sequence[float], *, minimum: int = 20,
+                    maximum: Optional[int] = None) -> int:
+    """Iterations per model so that training all models one after another fits ``budget_s``."""
+    total = sum(seconds_per_iter)
+    if not total > 0:
+        raise ValueError(f"seconds_per_iter must be positive, got {list(seconds_per_iter)}")
+    n = int(budget_s / total)
+    if maximum is not None:
+        n = min(n, maximum)
+    return max(minimum, n)
