@@ -252,3 +252,15 @@ def test_bad_call_arguments():
             fn()
         for w in words:
             assert w in str(info.value), f"{w!r} not in {info.value}"
+
+
+def test_low_precision_features_with_float32_boxes():
+    # autocast-style bfloat16 features with float32 proposals: boxes are not rounded to bfloat16
+    g = torch.Generator().manual_seed(9)
+    x = torch.randn(2, 4, 32, 32, generator=g)
+    proposals = [boxes_for(g, 3), boxes_for(g, 2)]
+    layer = ModulatedDeformRoIPool(4, 5, hidden_channels=8)
+    out = layer({"0": x.bfloat16()}, proposals, [(128, 128)] * 2)
+    assert out.dtype == torch.bfloat16
+    expected = layer({"0": x.bfloat16().float()}, proposals, [(128, 128)] * 2)
+    torch.testing.assert_close(out.float(), expected, atol=1e-2, rtol=1e-2)

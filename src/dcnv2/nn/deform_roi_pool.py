@@ -103,12 +103,19 @@ class _DeformRoIPoolBase(nn.Module):
             Tensor[K, C, ph, pw].
         """
         feats, scales, levels, roi_t = self._inputs(x, rois, image_shapes)
+        out_dtype = feats[0].dtype
+        if roi_t.dtype != out_dtype:
+            # e.g. bfloat16 features (autocast) with float32 boxes: pool in the wider type rather than
+            # round the box coordinates to the features' precision
+            wide = torch.promote_types(roi_t.dtype, out_dtype)
+            feats, roi_t = [f.to(wide) for f in feats], roi_t.to(wide)
         plain = self._pool(feats, scales, levels, roi_t, None, None)
-        offset, mask = self.predict(plain.flatten(1))
-        dtype = feats[0].dtype  # the fc may run in another dtype under autocast
+        fc_dtype = next(self.offset_branch().parameters()).dtype  # autocast may still recast inside
+        offset, mask = self.predict(plain.flatten(1).to(fc_dtype))
+        dtype = feats[0].dtype  # the fc may also run in another dtype under autocast
         offset = offset.to(dtype)
         mask = mask.to(dtype) if mask is not None else None
-        return self._pool(feats, scales, levels, roi_t, offset, mask)
+        return self._pool(feats, scales, levels, roi_t, offset, mask).to(out_dtype)
 
     def _inputs(self, x, rois, image_shapes):
         """Returns (feature maps, their scales, per-RoI level or None, Tensor[K, 5] RoIs)."""
@@ -116,7 +123,7 @@ class _DeformRoIPoolBase(nn.Module):
             _checks.tensor("input", x, 4)
             self._check_channels("input", x)
             scale = 1.0 if self.spatial_scale is None else float(self.spatial_scale)
-            return [x], [scale], None, rois_to_tensor(rois, x)
+            return [x], [scale], None, _rois(rois, x)
         if not isinstance(x, dict):
             raise TypeError(f"x must be a Tensor[N, C, H, W] or a dict of feature maps, got {type(x).__name__}")
         names = self.featmap_names
@@ -138,7 +145,7 @@ class _DeformRoIPoolBase(nn.Module):
             raise TypeError(f"with a feature dict, proposals must be a list of Tensor[L, 4], got {type(rois).__name__}")
         if image_shapes is None or len(image_shapes) == 0:
             raise ValueError("with a feature dict, image_shapes (the (height, width) of each image) is required")
-        roi_t = rois_to_tensor(list(rois), feats[0])
+        roi_t = _rois(list(rois), feats[0])
         if len(feats) == 1 and self.spatial_scale is not None:
             return feats, [float(self.spatial_scale)], None, roi_t
         scales, mapper = _setup_scales(feats, list(image_shapes), self.canonical_scale, self.canonical_level)
@@ -173,6 +180,14 @@ class _DeformRoIPoolBase(nn.Module):
         if self.featmap_names is not None:
             s += f", featmap_names={self.featmap_names}"
         return s
+
+
+def _rois(rois, feature: Tensor) -> Tensor:
+    """RoIs as Tensor[K, 5]; unlike the op, any floating dtype is accepted (kept, not rounded)."""
+    first = rois if isinstance(rois, Tensor) else (rois[0] if len(rois) else None)
+    if isinstance(first, Tensor) and first.is_floating_point() and first.dtype != feature.dtype:
+        return rois_to_tensor(rois, feature.new_empty((feature.shape[0], 0, 0, 0), dtype=first.dtype))
+    return rois_to_tensor(rois, feature)
 
 
 class DeformRoIPool(_DeformRoIPoolBase):
