@@ -264,3 +264,20 @@ def test_low_precision_features_with_float32_boxes():
     assert out.dtype == torch.bfloat16
     expected = layer({"0": x.bfloat16().float()}, proposals, [(128, 128)] * 2)
     torch.testing.assert_close(out.float(), expected, atol=1e-2, rtol=1e-2)
+
+
+def test_layer_compiles_fullgraph():
+    torch._dynamo.reset()
+    g = torch.Generator().manual_seed(10)
+    layer = ModulatedDeformRoIPool(4, 5, hidden_channels=8, spatial_scale=0.25)
+    with torch.no_grad():
+        layer.offset_fc[4].weight.normal_(0, 0.1, generator=g)
+    x = torch.randn(2, 4, 32, 32, generator=g)
+    rois = torch.tensor([[0, 1.0, 2.0, 50.0, 60.0], [1, 3.0, 4.0, 90.0, 100.0]])
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    xc, xe = x.clone().requires_grad_(), x.clone().requires_grad_()
+    out_c, out_e = compiled(xc, rois), layer(xe, rois)
+    out_c.sum().backward()
+    out_e.sum().backward()
+    torch.testing.assert_close(out_c, out_e)
+    torch.testing.assert_close(xc.grad, xe.grad)
