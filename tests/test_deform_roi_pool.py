@@ -454,3 +454,24 @@ def test_huge_adaptive_grid_skips_only_off_map_samples():
         expected = reference.deform_roi_pool(x, rois, off, mask, (2, 2), 1.0, 0, 0.01, True)
         torch.testing.assert_close(got, expected, atol=1e-14, rtol=1e-12)
     assert got[0].abs().sum() > 0
+
+
+def test_coordinates_overflowing_after_scaling_do_not_crash():
+    # finite boxes whose scaled coordinates overflow float32 to inf: valid input, pooled as zeros
+    proc = run_isolated(
+        """
+        import torch
+        from dcnv2.ops import deform_roi_pool
+        x = torch.randn(1, 3, 8, 8, requires_grad=True)
+        for box in ([-3e38, -3e38, 3e38, 3e38], [3e38, 1, 3.3e38, 4], [-3.3e38, -3e38, 3.3e38, 3e38]):
+            for sr in (0, 2):
+                y = deform_roi_pool(x, torch.tensor([[0.0] + box]), output_size=2, spatial_scale=8.0,
+                                    sampling_ratio=sr)
+                assert torch.isfinite(y).all(), (box, sr, y)
+                y.sum().backward()
+                assert torch.isfinite(x.grad).all()
+        print("clean exit")
+        """
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "clean exit" in proc.stdout

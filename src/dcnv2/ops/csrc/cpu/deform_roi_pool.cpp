@@ -69,7 +69,9 @@ struct Roi {
   }
   static int64_t adaptive_grid(T size, int64_t bins) {
     const double g = std::ceil(static_cast<double>(size / static_cast<T>(bins)));
-    return static_cast<int64_t>(std::min(g, static_cast<double>(kMaxGrid)));
+    const double cap = static_cast<double>(kMaxGrid);
+    if (!(g == g)) return 0;  // NaN size (coordinates * spatial_scale overflowed): no samples
+    return static_cast<int64_t>(std::max(-cap, std::min(g, cap)));
   }
   // Sample indices [lo, hi) of a bin starting at `origin` (extent `bin`, `g` samples) whose position
   // can lie in [-1, size]; the others read 0 and are skipped, so a huge RoI with an adaptive grid
