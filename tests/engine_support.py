@@ -15,7 +15,7 @@ from torch import nn
 class TinyBackbone(nn.Module):
     """Two strided convs and one modulated deformable conv (so the offset lr group exists)."""
 
-    def __init__(self, channels: int = 16):
+    def __init__(self, channels: int = 16, dcn: bool = True):
         super().__init__()
         from dcnv2.nn import ModulatedDeformConv2d
 
@@ -23,14 +23,15 @@ class TinyBackbone(nn.Module):
             nn.Conv2d(3, channels, 3, stride=2, padding=1), nn.ReLU(inplace=True),
             nn.Conv2d(channels, channels, 3, stride=2, padding=1), nn.ReLU(inplace=True),
         )
-        self.dcn = ModulatedDeformConv2d(channels, channels, 3, padding=1)
+        self.dcn = ModulatedDeformConv2d(channels, channels, 3, padding=1) if dcn else nn.Conv2d(channels, channels, 3, padding=1)
         self.out_channels = channels
 
     def forward(self, x):
         return torch.relu(self.dcn(self.body(x)))
 
 
-def tiny_detector(num_classes: int = 3, *, masks: bool = False, size: int = 48, seed: int = 0) -> nn.Module:
+def tiny_detector(num_classes: int = 3, *, masks: bool = False, size: int = 48, seed: int = 0,
+                  dcn: bool = True) -> nn.Module:
     """A torchvision Faster/Mask R-CNN with a tiny backbone and heads, deterministic for ``seed``."""
     from torchvision.models.detection import FasterRCNN, MaskRCNN
     from torchvision.models.detection.anchor_utils import AnchorGenerator
@@ -38,7 +39,7 @@ def tiny_detector(num_classes: int = 3, *, masks: bool = False, size: int = 48, 
     from torchvision.ops import MultiScaleRoIAlign
 
     torch.manual_seed(seed)
-    backbone = TinyBackbone()
+    backbone = TinyBackbone(dcn=dcn)
     kwargs = dict(
         num_classes=num_classes, min_size=size, max_size=size,
         rpn_anchor_generator=AnchorGenerator(sizes=((8, 16, 32),), aspect_ratios=((0.5, 1.0, 2.0),)),

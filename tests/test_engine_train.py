@@ -116,6 +116,17 @@ def test_nan_loss_stops_with_iteration_and_keeps_checkpoint(tmp_path):
     assert train(fresh, data, _cfg(tmp_path, max_iters=6, checkpoint_every=2), resume=True)["iteration"] == 6
 
 
+def test_amp_and_gradient_clipping(tmp_path):
+    # bfloat16 autocast on CPU; plain convs here (mixed-dtype support of the deformable op is tested with the op)
+    model = tiny_detector(dcn=False)
+    before = params_vector(model).clone()
+    train(model, TinyShapes(n=4), _cfg(tmp_path, max_iters=3, amp=True, clip_grad_norm=0.5))
+    losses = [r["loss"] for r in _log(tmp_path)]
+    assert len(losses) == 3 and all(torch.isfinite(torch.tensor(losses)))
+    after = params_vector(model)
+    assert after.dtype == torch.float32 and not torch.equal(before, after)
+
+
 def test_batch_sampler_covers_each_epoch_and_resumes_mid_epoch():
     full = list(ResumableBatchSampler(7, 2, seed=3, epoch=1))
     assert len(full) == 4 and all(len(b) == 2 for b in full)

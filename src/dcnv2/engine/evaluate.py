@@ -64,7 +64,7 @@ def inference(model: nn.Module, dataset, *, device: Optional[torch.device] = Non
     iterator: Iterable = range(len(dataset))
     if progress:
         from tqdm.auto import tqdm
-        iterator = tqdm(iterator, desc="eval", unit="img", dynamic_ncols=True)
+        iterator = tqdm(iterator, desc="eval", unit="img", dynamic_ncols=True, mininterval=0.5)
     for i in iterator:
         image, target = dataset[i]
         image_id = int(target["image_id"])

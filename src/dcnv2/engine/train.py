@@ -257,7 +257,8 @@ def train(
     bar = None
     if main and config.progress:
         from tqdm.auto import tqdm
-        bar = tqdm(total=total, initial=start, desc=f"train {out.name}", unit="it", dynamic_ncols=True)
+        bar = tqdm(total=total, initial=start, desc=f"train {out.name}", unit="it", dynamic_ncols=True,
+                   mininterval=0.5)
 
     it = start
     loss_value = float("nan")
