@@ -1,6 +1,7 @@
 """The ``dcnv2`` command line: every registered command's --help, argument errors, train/eval/predict runs."""
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -67,3 +68,41 @@ def test_train_arguments_reach_the_config():
     assert args.model_arg == [("rpn_post_nms_top_n_train", 300)]
     args = build_parser().parse_args(["train", "--data", "d", "--out", "o", "--resume", "run/ck.pth"])
     assert args.resume == "run/ck.pth"
+
+
+def _real_parts():
+    pytest.importorskip("dcnv2.data.synthetic")
+    pytest.importorskip("dcnv2.models")
+
+
+@pytest.fixture(scope="module")
+def tiny_synthetic(tmp_path_factory):
+    _real_parts()
+    from dcnv2.data import synthetic
+
+    root = tmp_path_factory.mktemp("synth")
+    synthetic.generate(root, seed=1, num_train=6, num_val=3, image_size=64)
+    return root
+
+
+def test_train_eval_predict_end_to_end(tiny_synthetic, tmp_path, capsys):
+    """`dcnv2 train` -> `dcnv2 eval` -> `dcnv2 predict` on a tiny generated set with a small real preset."""
+    run = tmp_path / "run"
+    common = ["--preset", "mdconv-c3c5-mdpool", "--backbone", "resnet18", "--fpn", "--min-size", "64", "--max-size", "64"]
+    argv = ["train", "--data", str(tiny_synthetic), "--out", str(run), *common, "--max-iters", "2", "--batch-size", "2",
+            "--warmup-iters", "1", "--lr-steps", "--workers", "0", "--checkpoint-every", "1", "--no-progress",
+            "--model-arg", "rpn_post_nms_top_n_train=100", "--model-arg", "box_batch_size_per_image=32"]
+    assert main(argv) == 0, capsys.readouterr().err
+    assert (run / "checkpoint_last.pth").is_file() and (run / "model_final.pth").is_file()
+    assert main(["eval", "--checkpoint", str(run / "model_final.pth"), "--data", str(tiny_synthetic),
+                 "--out", str(tmp_path / "eval"), "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "| model | type | AP | AP50 | AP75 | APs | APm | APl |" in out
+    assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["bbox"]["AP"] >= 0
+    assert (tmp_path / "eval" / "results.json").is_file()
+    image = next((tiny_synthetic / "val").iterdir())
+    assert main(["predict", "--checkpoint", str(run / "model_final.pth"), str(image), "--out", str(tmp_path / "pred"),
+                 "--score-threshold", "0.0"]) == 0
+    assert (tmp_path / "pred" / f"{image.stem}.png").is_file()
+    # resume from the last checkpoint: nothing left to do at 2 of 2 iterations, still a clean exit
+    assert main(argv + ["--resume"]) == 0

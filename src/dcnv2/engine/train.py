@@ -289,17 +289,18 @@ def train(
                     raise NonFiniteLossError(it + 1, values, last_good)
 
                 optimizer.zero_grad(set_to_none=True)
+                grad_norm = None
                 if scaler is not None:
                     scaler.scale(loss).backward()
                     if config.clip_grad_norm:
                         scaler.unscale_(optimizer)
-                        nn.utils.clip_grad_norm_(model.parameters(), config.clip_grad_norm)
+                        grad_norm = float(nn.utils.clip_grad_norm_(model.parameters(), config.clip_grad_norm))
                     scaler.step(optimizer)
                     scaler.update()
                 else:
                     loss.backward()
                     if config.clip_grad_norm:
-                        nn.utils.clip_grad_norm_(model.parameters(), config.clip_grad_norm)
+                        grad_norm = float(nn.utils.clip_grad_norm_(model.parameters(), config.clip_grad_norm))
                     optimizer.step()
                 lr = optimizer.param_groups[0]["lr"]
                 scheduler.step()
@@ -312,7 +313,8 @@ def train(
                     bar.set_postfix(loss=f"{loss_value:.3f}", lr=f"{lr:.2g}", refresh=False)
                     bar.update(1)
                 if it % config.log_every == 0 or it == total or it == start + 1:
-                    log.write({"iter": it, "epoch": epoch, "lr": lr, **{k: round(v, 6) for k, v in values.items()},
+                    extra = {"grad_norm": round(grad_norm, 4)} if grad_norm is not None else {}
+                    log.write({"iter": it, "epoch": epoch, "lr": lr, **{k: round(v, 6) for k, v in values.items()}, **extra,
                                "sec_per_iter": round(sec_per_it, 4), "eta_s": round(sec_per_it * (total - it), 1)})
                 if it % config.checkpoint_every == 0 or it == total:
                     state = _checkpoint_state(model, optimizer, scheduler, scaler, config, model_spec, it,
