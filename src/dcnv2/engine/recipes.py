@@ -95,10 +95,12 @@ def seconds_per_image_eval(model: nn.Module, dataset, *, images: int = 4) -> flo
     """Mean inference time per image (after one warm-up image)."""
     trial = copy.deepcopy(model).eval()
     n = min(images, len(dataset))
-    trial([dataset[0][0]])
+    with torch.random.fork_rng(devices=[]):  # data transforms may draw random numbers
+        samples = [dataset[i][0] for i in range(n)]
+    trial(samples[:1])
     t0 = time.perf_counter()
-    for i in range(n):
-        trial([dataset[i][0]])
+    for image in samples:
+        trial([image])
     return (time.perf_counter() - t0) / max(1, n)
 
 

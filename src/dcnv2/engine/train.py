@@ -192,10 +192,12 @@ def train(
     Raises:
         NonFiniteLossError: a loss was NaN/inf (all ranks raise; the last good checkpoint is kept).
     """
-    distributed = D.init_distributed(device=torch.device(config.device) if config.device else None)
+    device = torch.device(config.device) if config.device else D.default_device()
+    if device.type == "cuda" and device.index is None:  # "cuda" under torchrun: this process's local GPU
+        device = D.default_device()
+    distributed = D.init_distributed(device=device)
     rank, world = D.get_rank(), D.get_world_size()
     main = rank == 0
-    device = torch.device(config.device) if config.device else D.default_device()
     out = Path(config.out)
     if main:
         out.mkdir(parents=True, exist_ok=True)
