@@ -65,7 +65,9 @@ def test_coco_results_format():
         to_coco_results(image_id, dict(pred, labels=pred["labels"] + 5), data.label_to_category_id)
     empty = {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.long), "scores": torch.zeros(0)}
     assert to_coco_results(image_id, empty, data.label_to_category_id) == []
-    assert coco_evaluate(data.coco, [], ("bbox",))["bbox"]["AP"] == 0.0
+    none = coco_evaluate(data.coco, [], ("bbox", "segm"))
+    assert none["bbox"]["AP"] == 0.0 and none["segm"]["AR100"] == 0.0
+    assert none["bbox"]["APl"] == -1.0  # no large objects in the ground truth
 
 
 def test_evaluate_tiny_detector_writes_metrics(tmp_path):

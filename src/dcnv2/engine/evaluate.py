@@ -120,21 +120,27 @@ def coco_evaluate(coco_gt, results: List[Dict[str, Any]], iou_types: Sequence[st
 
     Returns:
         ``{iou_type: {"AP": .., "AP50": .., "AP75": .., "APs": .., "APm": .., "APl": .., "AR1": .., ...}}``;
-        entries are -1 where COCOeval has no ground truth in that area range, all 0 when ``results`` is empty.
+        entries are -1 where COCOeval has no ground truth in that area range.
     """
     from pycocotools.cocoeval import COCOeval
 
     img_ids = list(img_ids) if img_ids is not None else sorted(coco_gt.getImgIds())
     metrics: Dict[str, Dict[str, float]] = {}
-    if not results:
-        return {t: {k: 0.0 for k in METRIC_NAMES} for t in iou_types}
     for iou_type in iou_types:
-        if iou_type == "segm" and "segmentation" not in results[0]:
+        if iou_type == "segm" and results and "segmentation" not in results[0]:
             raise ValueError("coco_evaluate: iou type 'segm' needs results with 'segmentation' (a mask model)")
         sink = io.StringIO()
         with contextlib.redirect_stdout(sink) if not verbose else contextlib.nullcontext():
-            # loadRes mutates its input (adds area/id); give it copies
-            coco_dt = coco_gt.loadRes([dict(r) for r in results])
+            if results:
+                # loadRes mutates its input (adds area/id); give it copies
+                coco_dt = coco_gt.loadRes([dict(r) for r in results])
+            else:  # loadRes cannot take an empty list; no detections still score 0 (or -1 without GT)
+                from pycocotools.coco import COCO
+
+                coco_dt = COCO()
+                coco_dt.dataset = {"images": list(coco_gt.dataset["images"]), "annotations": [],
+                                   "categories": list(coco_gt.dataset.get("categories", []))}
+                coco_dt.createIndex()
             ev = COCOeval(coco_gt, coco_dt, iou_type)
             ev.params.imgIds = img_ids
             ev.evaluate()
