@@ -1,0 +1,242 @@
+"""Faster R-CNN and Mask R-CNN with DCN backbones and (modulated) deformable RoI pooling.
+
+Everything but the backbone trunk and the RoI pooling is torchvision's detection framework
+(GeneralizedRCNNTransform, AnchorGenerator, RegionProposalNetwork, RoIHeads, TwoMLPHead, predictors).
+
+* ``fpn=False`` — the paper's detector: conv1–conv5 over the whole image with conv5 dilated (stride 16),
+  the RPN on conv4 (5 scales x 3 aspect ratios), a 1x1 conv 2048 -> 256 (+ ReLU) on conv5, 7x7 RoI
+  pooling on it, 2fc 1024 (``roi_heads.box_head``), classifier and box regressor; Mask R-CNN adds the
+  14x14 mask pooling on the same 256-channel map and torchvision's 4-conv mask head.
+* ``fpn=True`` — torchvision's ResNet-FPN detectors (what detectron2 / mmdetection users run).
+
+The preset (:mod:`dcnv2.models.presets`) picks the deformable stages and the box/mask RoI pooling.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Any, Dict, List, Optional, Tuple, Union
+
+import torch
+from torch import Tensor, nn
+from torchvision.models._utils import IntermediateLayerGetter
+from torchvision.models.detection import FasterRCNN as _TVFasterRCNN
+from torchvision.models.detection import MaskRCNN as _TVMaskRCNN
+from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.backbone_utils import _resnet_fpn_extractor, _validate_trainable_layers
+from torchvision.models.detection.faster_rcnn import TwoMLPHead
+from torchvision.models.detection.rpn import RegionProposalNetwork, RPNHead
+from torchvision.ops.misc import FrozenBatchNorm2d
+
+from dcnv2.models.poolers import make_roi_pool
+from dcnv2.models.presets import DetectorPreset, get_preset
+from dcnv2.models.resnet import dcn_resnet
+from dcnv2.models.targets import num_classes_of, validate_targets
+from dcnv2.nn import offset_parameters
+
+__all__ = ["PaperBackbone", "FeatureSelectingRPN", "DCNFasterRCNN", "DCNMaskRCNN", "faster_rcnn", "mask_rcnn",
+           "PAPER_ANCHOR_SIZES", "PAPER_ASPECT_RATIOS"]
+
+PAPER_ANCHOR_SIZES = (32, 64, 128, 256, 512)
+PAPER_ASPECT_RATIOS = (0.5, 1.0, 2.0)
+
+
+class PaperBackbone(nn.Module):
+    """conv1–conv5 of a (DCN) ResNet with conv5 dilated; returns ``{"c4": conv4, "c5": relu(1x1 conv(conv5))}``.
+
+    ``c4`` (stride 16, ``c4_channels``) feeds the RPN, ``c5`` (stride 16, ``out_channels`` = 256) the RoI heads.
+    """
+
+    def __init__(self, resnet: nn.Module, out_channels: int = 256) -> None:
+        super().__init__()
+        self.body = IntermediateLayerGetter(resnet, return_layers={"layer3": "c4", "layer4": "c5"})
+        self.c4_channels = _stage_channels(resnet.layer3)
+        self.c5_channels = _stage_channels(resnet.layer4)
+        self.reduce = nn.Conv2d(self.c5_channels, out_channels, 1)
+        nn.init.kaiming_uniform_(self.reduce.weight, a=1)
+        nn.init.zeros_(self.reduce.bias)
+        self.out_channels = out_channels
+
+    def forward(self, x: Tensor) -> Dict[str, Tensor]:
+        feats = self.body(x)
+        return OrderedDict([("c4", feats["c4"]), ("c5", torch.relu(self.reduce(feats["c5"])))])
+
+
+def _stage_channels(layer: nn.Sequential) -> int:
+    last = layer[-1]
+    conv = last.conv3 if hasattr(last, "conv3") else last.conv2  # Bottleneck or BasicBlock
+    return conv.out_channels
+
+
+class FeatureSelectingRPN(RegionProposalNetwork):
+    """torchvision's RPN run on the named feature maps only (the paper's RPN sees conv4, not conv5)."""
+
+    def __init__(self, *args, in_features: List[str], **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.in_features = list(in_features)
+
+    @classmethod
+    def from_rpn(cls, rpn: RegionProposalNetwork, in_features: List[str]) -> "FeatureSelectingRPN":
+        """The same RPN (same head and anchor generator modules, same settings) restricted to ``in_features``."""
+        new = cls(rpn.anchor_generator, rpn.head, rpn.proposal_matcher.high_threshold,
+                  rpn.proposal_matcher.low_threshold, rpn.fg_bg_sampler.batch_size_per_image,
+                  rpn.fg_bg_sampler.positive_fraction, dict(rpn._pre_nms_top_n), dict(rpn._post_nms_top_n),
+                  rpn.nms_thresh, rpn.score_thresh, in_features=in_features)
+        new.min_size = rpn.min_size
+        return new
+
+    def forward(self, images, features: Dict[str, Tensor], targets=None):
+        missing = [k for k in self.in_features if k not in features]
+        if missing:
+            raise ValueError(f"RPN features {missing} not among the backbone's outputs {list(features)}")
+        return super().forward(images, OrderedDict((k, features[k]) for k in self.in_features), targets)
+
+
+class _DetectorMixin:
+    """Target validation before any compute, and access to the 2fc RoI feature (for R-CNN feature mimicking)."""
+
+    preset: DetectorPreset
+    has_masks = False
+
+    @property
+    def num_classes(self) -> int:
+        return num_classes_of(self)
+
+    def forward(self, images, targets=None):
+        if targets is not None or self.training:
+            if targets is None:
+                raise ValueError("targets must be given in training mode (a list of dicts with boxes and labels)")
+            validate_targets(images, targets, self.num_classes, masks=self.has_masks)
+        return super().forward(images, targets)
+
+    def rcnn_features(self, features: Dict[str, Tensor], boxes: List[Tensor],
+                      image_shapes: List[Tuple[int, int]]) -> Tensor:
+        """The 1024-d 2fc feature of ``boxes``: box RoI pooling then ``roi_heads.box_head``.
+
+        Args:
+            features: the backbone's output for the (transformed) image batch.
+            boxes: N Tensor[L, 4] boxes in the transformed images' coordinates.
+            image_shapes: N (height, width) of the transformed images (``ImageList.image_sizes``).
+
+        Returns:
+            Tensor[sum L, representation size].
+        """
+        pooled = self.roi_heads.box_roi_pool(features, boxes, image_shapes)
+        return self.roi_heads.box_head(pooled)
+
+
+class DCNFasterRCNN(_DetectorMixin, _TVFasterRCNN):
+    """torchvision ``FasterRCNN`` that validates its targets and exposes :meth:`rcnn_features`."""
+
+
+class DCNMaskRCNN(_DetectorMixin, _TVMaskRCNN):
+    """torchvision ``MaskRCNN`` that validates its targets (masks included) and exposes :meth:`rcnn_features`."""
+
+    has_masks = True
+
+
+def _backbone_resnet(name: str, preset: DetectorPreset, conv5_dilation: bool, weights_backbone,
+                     trainable_backbone_layers: Optional[int]):
+    is_trained = weights_backbone is not None
+    trainable = _validate_trainable_layers(is_trained, trainable_backbone_layers, 5, 3)
+    norm_layer = FrozenBatchNorm2d if is_trained else nn.BatchNorm2d
+    resnet = dcn_resnet(name, deform_stages=preset.deform_stages, modulated=preset.modulated,
+                        offset_groups=preset.offset_groups, conv5_dilation=conv5_dilation, weights=weights_backbone,
+                        norm_layer=norm_layer)
+    return resnet, trainable
+
+
+def _freeze(resnet: nn.Module, trainable_layers: int) -> None:
+    """torchvision's rule (train the last ``trainable_layers`` of conv1, layer1..layer4), except that offset
+    branches, which pretrained weights never initialise, always train."""
+    layers_to_train = ["layer4", "layer3", "layer2", "layer1", "conv1"][:trainable_layers]
+    if trainable_layers == 5:
+        layers_to_train.append("bn1")
+    for name, p in resnet.named_parameters():
+        if not any(name.startswith(layer) for layer in layers_to_train):
+            p.requires_grad_(False)
+    _unfreeze_offsets(resnet)
+
+
+def _unfreeze_offsets(module: nn.Module) -> None:
+    for p in offset_parameters(module):
+        p.requires_grad_(True)
+
+
+def _build(cls, *, preset, backbone, num_classes, fpn, weights_backbone, trainable_backbone_layers,
+           kwargs: Dict[str, Any]):
+    preset = get_preset(preset)
+    if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 2:
+        raise ValueError(f"num_classes must be an int >= 2 (background included), got {num_classes!r}")
+    masks = cls is DCNMaskRCNN
+    resnet, trainable = _backbone_resnet(backbone, preset, not fpn, weights_backbone, trainable_backbone_layers)
+    kw = dict(kwargs)
+    if fpn:
+        body = _resnet_fpn_extractor(resnet, trainable)  # freezes by torchvision's rule
+        _unfreeze_offsets(body)
+        names = ["0", "1", "2", "3"]
+        rpn_in = None
+    else:
+        _freeze(resnet, trainable)
+        body = PaperBackbone(resnet)
+        names = ["c5"]
+        rpn_in = ["c4"]
+        kw.setdefault("rpn_anchor_generator",
+                      AnchorGenerator(sizes=(PAPER_ANCHOR_SIZES,), aspect_ratios=(PAPER_ASPECT_RATIOS,)))
+        kw.setdefault("rpn_head", RPNHead(body.c4_channels, kw["rpn_anchor_generator"].num_anchors_per_location()[0]))
+    c = body.out_channels
+    pool_kw = dict(gamma=preset.gamma, hidden_channels=preset.mdpool_hidden)
+    # torchvision only admits MultiScaleRoIAlign here: build with its default, then put ours in place
+    box_pool = kw.pop("box_roi_pool", None) or make_roi_pool(preset.box_pool, names, 7, c, **pool_kw)
+    mask_pool = kw.pop("mask_roi_pool", None) or make_roi_pool(preset.mask_pool, names, 14, c, **pool_kw)
+    if "box_head" not in kw:
+        out = box_pool.output_size
+        out = out[0] if isinstance(out, (tuple, list)) else out
+        kw["box_head"] = TwoMLPHead(c * out ** 2, 1024)
+    model = cls(body, num_classes=None if "box_predictor" in kw else num_classes, **kw)
+    model.roi_heads.box_roi_pool = box_pool
+    if masks:
+        model.roi_heads.mask_roi_pool = mask_pool
+    if rpn_in is not None:
+        model.rpn = FeatureSelectingRPN.from_rpn(model.rpn, rpn_in)
+    model.preset = preset
+    model.backbone_name = backbone
+    return model
+
+
+_DOC_ARGS = """
+    Args:
+        preset: a name of :data:`dcnv2.models.presets.PRESETS` or a :class:`DetectorPreset`.
+        backbone: one of :data:`dcnv2.models.resnet.BACKBONES` (resnet18/34/50/101/152, resnext50_32x4d,
+            resnext101_32x8d).
+        num_classes: classes including the background (81 for COCO).
+        fpn: torchvision's ResNet-FPN detector instead of the paper's dilated-conv5 detector.
+        weights_backbone: torchvision weights enum / name (downloaded) or the path of a local ResNet state
+            dict. With weights, BatchNorm is frozen and only the last ``trainable_backbone_layers`` (default
+            3) train, as in torchvision; offset convs always train. Without, everything trains with BatchNorm.
+        trainable_backbone_layers: 0..5, see above.
+        **kwargs: passed to torchvision's detector (min_size, max_size, rpn_*, box_*, ...); a given
+            ``rpn_anchor_generator``, ``rpn_head``, ``box_roi_pool``, ``box_head``, ``mask_roi_pool`` ...
+            replaces the preset's.
+"""
+
+
+def faster_rcnn(*, preset: Union[str, DetectorPreset] = "regular", backbone: str = "resnet50",
+                num_classes: int = 81, fpn: bool = False, weights_backbone=None,
+                trainable_backbone_layers: Optional[int] = None, **kwargs) -> DCNFasterRCNN:
+    return _build(DCNFasterRCNN, preset=preset, backbone=backbone, num_classes=num_classes, fpn=fpn,
+                  weights_backbone=weights_backbone, trainable_backbone_layers=trainable_backbone_layers,
+                  kwargs=kwargs)
+
+
+def mask_rcnn(*, preset: Union[str, DetectorPreset] = "regular", backbone: str = "resnet50",
+              num_classes: int = 81, fpn: bool = True, weights_backbone=None,
+              trainable_backbone_layers: Optional[int] = None, **kwargs) -> DCNMaskRCNN:
+    return _build(DCNMaskRCNN, preset=preset, backbone=backbone, num_classes=num_classes, fpn=fpn,
+                  weights_backbone=weights_backbone, trainable_backbone_layers=trainable_backbone_layers,
+                  kwargs=kwargs)
+
+
+faster_rcnn.__doc__ = ("Faster R-CNN: the paper's (``fpn=False``) or ResNet-FPN, with a preset's deformable "
+                       "convs and box RoI pooling.\n" + _DOC_ARGS)
+mask_rcnn.__doc__ = ("Mask R-CNN: ResNet-FPN (``fpn=True``, default) or on the paper's dilated-conv5 trunk, with "
+                     "a preset's deformable convs and box (7x7) and mask (14x14) RoI pooling.\n" + _DOC_ARGS)

@@ -1,0 +1,94 @@
+"""RoI pooling layers for the detectors' box (7x7) and mask (14x14) heads, picked by a preset's pool type.
+
+All are called like ``torchvision.ops.MultiScaleRoIAlign`` — ``pool(features, proposals, image_shapes)`` —
+so they drop into torchvision's ``RoIHeads``. :class:`RoIPooler` covers the two regular rows of Table 1:
+RoIPool (quantised bins) and aligned RoIAlign (``aligned=True``, the pixel-centre model our deformable
+pooling uses, so that a deformable layer with zero offsets pools exactly what ``"align"`` pools).
+"""
+from __future__ import annotations
+
+from typing import Dict, List, Sequence, Tuple
+
+import torch
+from torch import Tensor, nn
+from torchvision.ops import roi_align, roi_pool
+from torchvision.ops.poolers import _convert_to_roi_format, _filter_input, _setup_scales
+
+from dcnv2.nn import DeformRoIPool, ModulatedDeformRoIPool
+
+__all__ = ["RoIPooler", "make_roi_pool"]
+
+
+class RoIPooler(nn.Module):
+    """Multi-level RoIPool or RoIAlign over named feature maps (FPN level per RoI as MultiScaleRoIAlign).
+
+    Args:
+        featmap_names: the maps of the feature dict to pool from.
+        output_size: int or (h, w).
+        sampling_ratio: RoIAlign samples per bin along each axis (<= 0 adaptive); unused by RoIPool.
+        mode: ``"align"`` (``torchvision.ops.roi_align``) or ``"roipool"`` (``torchvision.ops.roi_pool``).
+        aligned: RoIAlign's half-pixel box model.
+        canonical_scale, canonical_level: FPN level mapping.
+    """
+
+    def __init__(self, featmap_names: Sequence[str], output_size=7, sampling_ratio: int = 2, *, mode: str = "align",
+                 aligned: bool = True, canonical_scale: int = 224, canonical_level: int = 4) -> None:
+        super().__init__()
+        if mode not in ("align", "roipool"):
+            raise ValueError(f"mode must be 'align' or 'roipool', got {mode!r}")
+        if isinstance(featmap_names, str) or not featmap_names:
+            raise ValueError(f"featmap_names must be a non-empty list of names, got {featmap_names!r}")
+        if isinstance(output_size, int):
+            output_size = (output_size, output_size)
+        self.featmap_names = list(featmap_names)
+        self.output_size: Tuple[int, int] = tuple(output_size)
+        self.sampling_ratio = sampling_ratio
+        self.mode = mode
+        self.aligned = aligned
+        self.canonical_scale = canonical_scale
+        self.canonical_level = canonical_level
+
+    def _pool_level(self, x: Tensor, rois: Tensor, scale: float) -> Tensor:
+        if self.mode == "roipool":
+            return roi_pool(x, rois, self.output_size, scale)
+        return roi_align(x, rois, self.output_size, scale, self.sampling_ratio, self.aligned)
+
+    def forward(self, x: Dict[str, Tensor], boxes: List[Tensor], image_shapes: List[Tuple[int, int]]) -> Tensor:
+        """Args: x dict of Tensor[N, C, H_l, W_l]; boxes N Tensor[L, 4] in image coordinates; image_shapes
+        N (height, width). Returns Tensor[sum L, C, h, w]."""
+        feats = _filter_input(x, self.featmap_names)
+        scales, mapper = _setup_scales(feats, image_shapes, self.canonical_scale, self.canonical_level)
+        rois = _convert_to_roi_format(boxes)
+        if len(feats) == 1:
+            return self._pool_level(feats[0], rois, scales[0])
+        levels = mapper(boxes)
+        result = feats[0].new_zeros((rois.shape[0], feats[0].shape[1]) + self.output_size)
+        for level, (f, scale) in enumerate(zip(feats, scales)):
+            idx = torch.where(levels == level)[0]
+            result[idx] = self._pool_level(f, rois[idx], scale).to(result.dtype)
+        return result
+
+    def extra_repr(self) -> str:
+        return (f"featmap_names={self.featmap_names}, output_size={self.output_size}, mode={self.mode!r}, "
+                f"sampling_ratio={self.sampling_ratio}, aligned={self.aligned}")
+
+
+def make_roi_pool(kind: str, featmap_names: Sequence[str], output_size: int, in_channels: int, *,
+                  sampling_ratio: int = 2, gamma: float = 0.1, hidden_channels: int = 1024) -> nn.Module:
+    """The RoI pooling layer of a preset's pool type (see :data:`dcnv2.models.presets.POOL_TYPES`).
+
+    ``"dpool"`` / ``"mdpool"`` own an offset branch that reads ``in_channels * output_size**2`` pooled
+    features (so their parameter count depends on the pooled map's channels and size).
+    """
+    names = list(featmap_names)
+    if kind == "roipool":
+        return RoIPooler(names, output_size, mode="roipool")
+    if kind == "align":
+        return RoIPooler(names, output_size, sampling_ratio, mode="align", aligned=True)
+    if kind == "dpool":
+        return DeformRoIPool(in_channels, output_size, sampling_ratio, gamma, featmap_names=names, aligned=True)
+    if kind == "mdpool":
+        return ModulatedDeformRoIPool(in_channels, output_size, sampling_ratio, gamma, hidden_channels,
+                                      featmap_names=names, aligned=True)
+    raise ValueError(f"unknown RoI pooling kind {kind!r}; expected 'roipool', 'align', 'dpool' or 'mdpool'")
+
