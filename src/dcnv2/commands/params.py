@@ -2,7 +2,7 @@
 
 FLOPs are counted with ``torch.utils.flop_counter`` (formulas for our ops in ``dcnv2.models.flops``) over one
 inference forward of a random image of the given size, with a fixed number of proposals and detections per
-image (the RPN and box NMS are opened up so that exactly that many RoIs reach the box and mask heads).
+image (``dcnv2.models.flops.fixed_roi_counts``: an untrained model's own RoI counts depend on its random weights).
 """
 from __future__ import annotations
 
@@ -57,10 +57,7 @@ def build_rows(args):
         raise ValueError(f"--image-size must be positive, got {h} {w}")
     if args.proposals <= 0 or args.detections <= 0:
         raise ValueError(f"--proposals and --detections must be positive, got {args.proposals}, {args.detections}")
-    # exactly `proposals` RoIs and `detections` detections: no score thresholds, NMS that keeps everything
-    kw = dict(min_size=min(h, w), max_size=max(h, w), rpn_pre_nms_top_n_test=args.proposals,
-              rpn_post_nms_top_n_test=args.proposals, rpn_nms_thresh=1.0, rpn_score_thresh=0.0,
-              box_score_thresh=0.0, box_nms_thresh=1.0, box_detections_per_img=args.detections)
+    kw = dict(min_size=min(h, w), max_size=max(h, w))
     gen = torch.Generator().manual_seed(0)
     image = torch.rand(3, h, w, generator=gen)
     for det in args.detectors:
@@ -76,7 +73,7 @@ def build_rows(args):
         for name in presets:
             model = build(name)
             n = count_parameters(model)
-            gflops = None if args.no_flops else count_flops(model, [image])[0] / 1e9
+            gflops = None if args.no_flops else count_flops(model, [image], proposals=args.proposals, detections=args.detections)[0] / 1e9
             yield dict(preset=name, detector=det, params=n, delta=n - base, gflops=gflops)
             del model
 

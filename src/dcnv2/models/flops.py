@@ -13,14 +13,15 @@ so a regular and a deformable model are counted alike. Convention: FLOPs = 2 x m
 """
 from __future__ import annotations
 
+import contextlib
 from math import prod
-from typing import Dict, Sequence, Tuple
+from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode, flop_registry, register_flop_formula
 
-__all__ = ["register_flop_formulas", "count_flops", "count_parameters"]
+__all__ = ["register_flop_formulas", "count_flops", "count_parameters", "fixed_roi_counts"]
 
 _ADAPTIVE_SAMPLES = 2  # per axis, where sampling_ratio <= 0
 
@@ -80,8 +81,57 @@ def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
 
 
-def count_flops(model: nn.Module, images: Sequence[torch.Tensor]) -> Tuple[int, Dict[str, int]]:
+def _random_boxes(n: int, height: int, width: int, gen: torch.Generator) -> torch.Tensor:
+    wh = torch.rand(n, 2, generator=gen) * 0.5 + 0.05  # 5%..55% of the image side
+    xy = torch.rand(n, 2, generator=gen) * (1 - wh)
+    size = torch.tensor([width, height], dtype=torch.float32)
+    return torch.cat([xy * size, (xy + wh) * size], dim=1)
+
+
+@contextlib.contextmanager
+def fixed_roi_counts(model: nn.Module, proposals: Optional[int], detections: Optional[int], seed: int = 0):
+    """Within the context, a torchvision detector sees exactly ``proposals`` RPN proposals and keeps exactly
+    ``detections`` detections per image (the mask head's RoIs), whatever its (untrained) weights predict.
+
+    The RPN and the box head still run in full; only their outputs are replaced: fixed random boxes for the
+    proposals, the first ``detections`` proposals as detections. An untrained model's RoI counts otherwise
+    depend on its random predictions (boxes clipped to nothing, NMS), and so would its FLOPs.
+    """
+    handles, patched = [], False
+    gen = torch.Generator().manual_seed(seed)
+    if proposals is not None:
+        def replace_proposals(module, args, output):
+            images = args[0]
+            boxes = [_random_boxes(proposals, h, w, gen).to(images.tensors) for h, w in images.image_sizes]
+            return boxes, output[1]
+
+        handles.append(model.rpn.register_forward_hook(replace_proposals))
+    if detections is not None:
+        def first_proposals(class_logits, box_regression, props, image_shapes):
+            boxes = [p[:detections] for p in props]
+            scores = [torch.ones(len(b), dtype=b.dtype, device=b.device) for b in boxes]
+            labels = [torch.ones(len(b), dtype=torch.int64, device=b.device) for b in boxes]
+            return boxes, scores, labels
+
+        model.roi_heads.postprocess_detections = first_proposals
+        patched = True
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+        if patched:
+            del model.roi_heads.postprocess_detections
+
+
+def count_flops(model: nn.Module, images: Sequence[torch.Tensor], *, proposals: Optional[int] = None,
+                detections: Optional[int] = None) -> Tuple[int, Dict[str, int]]:
     """FLOPs of one inference forward of ``model`` (eval mode, no grad) on ``images``.
+
+    Args:
+        model: any module taking a list of images; for a torchvision detector ``proposals`` and
+            ``detections`` fix the RoIs per image of the box and mask heads (see :func:`fixed_roi_counts`).
+        images: list of Tensor[3, H, W].
 
     Returns:
         (total, per-operator counts).
@@ -91,10 +141,9 @@ def count_flops(model: nn.Module, images: Sequence[torch.Tensor]) -> Tuple[int, 
     model.eval()
     counter = FlopCounterMode(display=False)
     try:
-        with torch.no_grad(), counter:
+        with torch.no_grad(), fixed_roi_counts(model, proposals, detections), counter:
             model(list(images))
     finally:
         model.train(was_training)
     per_op = {str(k): int(v) for k, v in counter.get_flop_counts()["Global"].items()}
     return int(counter.get_total_flops()), per_op
-
