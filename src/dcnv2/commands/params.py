@@ -91,7 +91,7 @@ def run(args) -> int:
     print("| preset | detector | params (M) | Δ vs regular (M) | GFLOPs |")
     print("|---|---|---:|---:|---:|")
     for r in build_rows(args):
-        g = "—" if r["gflops"] is None else f"{r['gflops']:.1f}"
+        g = "—" if r["gflops"] is None else f"{r['gflops']:.{1 if r['gflops'] >= 100 else 2}f}"
         print(f"| {r['preset']} | {r['detector']} | {r['params'] / 1e6:.2f} | {_fmt_delta(r['delta'])} | {g} |",
               flush=True)
     return 0
