@@ -4,7 +4,6 @@ from __future__ import annotations
 import copy
 import json
 import math
-import time
 from pathlib import Path
 
 import numpy as np
@@ -459,8 +458,8 @@ def test_image_size_differs_from_json(coco_set):
     assert "five.png" in msg and "image id 5" in msg and "13x10" in msg and "12x10" in msg
 
 
-def test_validation_is_fast(tmp_path):
-    """2,000 images and 20,000 annotations load (checks + index) in well under the time of one epoch."""
+def test_validation_at_scale_decodes_nothing(tmp_path):
+    """2,000 images and 20,000 annotations load (checks + index) without opening an image: the files are empty."""
     image_dir = tmp_path / "images"
     image_dir.mkdir()
     images, anns = [], []
@@ -473,11 +472,10 @@ def test_validation_is_fast(tmp_path):
     ann_file = tmp_path / "big.json"
     ann_file.write_text(json.dumps({"images": images, "annotations": anns,
                                     "categories": [{"id": c, "name": str(c)} for c in (1, 2, 3)]}))
-    t0 = time.perf_counter()
     ds = CocoDetection(image_dir, ann_file, drop_empty=True)
-    elapsed = time.perf_counter() - t0
-    assert len(ds) == 2000
-    assert elapsed < 3.0, f"loading took {elapsed:.2f} s"
+    assert len(ds) == 2000 and len(ds.coco.getAnnIds()) == 20000
+    with pytest.raises(OSError, match="0.jpg"):  # decoding happens on access only
+        ds[0]
 
 
 # ---------------------------------------------------------------------------------------------------- end to end

@@ -99,7 +99,7 @@ def run_check(args) -> int:
         raise FileNotFoundError(f"no annotation files {root}/annotations/instances_<split>.json; "
                                 f"a COCO-format data set has DIR/annotations/instances_<split>.json and DIR/<split>/")
     for split in splits:
-        dataset = load_split(root, split, with_masks=args.decode)
+        dataset = load_split(root, split)  # segmentations are checked, not decoded
         print(_summary(dataset, split, root))
         if args.decode:
             _decode_all(dataset, split)
