@@ -256,3 +256,33 @@ def test_parameter_deltas_match_table_1():
     assert abs(dpool / 1e6 - (1.7 - 0.5)) < 0.1
     # the mdpool row is +14.9M as described vs the table's +14.2M (reported, not tuned)
     assert round(delta["mdconv-c3c5-mdpool"] / 1e6, 1) == 14.9
+
+
+@pytest.mark.parametrize("fpn", [True, False])
+def test_small_widths_for_small_models(fpn):
+    """feature_channels / representation_size / mdpool_hidden shrink the FPN (or conv5 1x1), box head and
+    mdpool branch, and the model still trains and predicts."""
+    torch.manual_seed(0)
+    model = models.mask_rcnn(preset="mdconv-c3c5-mdpool", backbone="resnet18", num_classes=NUM_CLASSES, fpn=fpn,
+                             feature_channels=32, representation_size=64, mdpool_hidden=48, **SMALL)
+    assert model.backbone.out_channels == 32
+    assert model.roi_heads.box_head.fc7.out_features == 64
+    pool = model.roi_heads.box_roi_pool
+    fcs = [m for m in pool.modules() if isinstance(m, torch.nn.Linear)]
+    assert fcs[0].out_features == 48 and fcs[0].in_features == 32 * 49
+    grads = train_step_grads(model, masks=True)
+    assert all(g is not None for g in grads.values())
+    model.eval()
+    with torch.no_grad():
+        out = model(batch()[0])
+    assert len(out) == 2 and out[0]["masks"].shape[1:] == (1, 64, 64)
+    default = models.faster_rcnn(preset="mdconv-c3c5-mdpool", backbone="resnet18", num_classes=NUM_CLASSES, fpn=fpn)
+    assert default.backbone.out_channels == 256 and default.roi_heads.box_head.fc7.out_features == 1024
+
+
+@pytest.mark.parametrize("kwargs", [dict(feature_channels=0), dict(representation_size=-3),
+                                    dict(mdpool_hidden=2.5), dict(feature_channels=True)])
+def test_bad_widths_are_refused(kwargs):
+    name = next(iter(kwargs))
+    with pytest.raises(ValueError, match=name):
+        models.faster_rcnn(preset="regular", backbone="resnet18", num_classes=NUM_CLASSES, **kwargs)

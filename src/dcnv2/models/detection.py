@@ -22,8 +22,9 @@ from torchvision.models._utils import IntermediateLayerGetter
 from torchvision.models.detection import FasterRCNN as _TVFasterRCNN
 from torchvision.models.detection import MaskRCNN as _TVMaskRCNN
 from torchvision.models.detection.anchor_utils import AnchorGenerator
-from torchvision.models.detection.backbone_utils import _resnet_fpn_extractor, _validate_trainable_layers
-from torchvision.models.detection.faster_rcnn import TwoMLPHead
+from torchvision.models.detection.backbone_utils import BackboneWithFPN, _validate_trainable_layers
+from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
+from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
 from torchvision.models.detection.rpn import RegionProposalNetwork, RPNHead
 from torchvision.ops.misc import FrozenBatchNorm2d
 
@@ -163,36 +164,45 @@ def _unfreeze_offsets(module: nn.Module) -> None:
 
 
 def _build(cls, *, preset, backbone, num_classes, fpn, weights_backbone, trainable_backbone_layers,
-           kwargs: Dict[str, Any]):
+           feature_channels: int, representation_size: int, mdpool_hidden: Optional[int], kwargs: Dict[str, Any]):
     preset = get_preset(preset)
     if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 2:
         raise ValueError(f"num_classes must be an int >= 2 (background included), got {num_classes!r}")
+    for name, value in (("feature_channels", feature_channels), ("representation_size", representation_size),
+                        ("mdpool_hidden", 1 if mdpool_hidden is None else mdpool_hidden)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
     masks = cls is DCNMaskRCNN
     resnet, trainable = _backbone_resnet(backbone, preset, not fpn, weights_backbone, trainable_backbone_layers)
     kw = dict(kwargs)
     if fpn:
-        body = _resnet_fpn_extractor(resnet, trainable)  # freezes by torchvision's rule
-        _unfreeze_offsets(body)
+        _freeze(resnet, trainable)  # torchvision's rule
+        c2 = _stage_channels(resnet.layer1)
+        body = BackboneWithFPN(resnet, {f"layer{k}": str(k - 1) for k in (1, 2, 3, 4)},
+                               [c2, 2 * c2, 4 * c2, 8 * c2], feature_channels, extra_blocks=LastLevelMaxPool())
         names = ["0", "1", "2", "3"]
         rpn_in = None
     else:
         _freeze(resnet, trainable)
-        body = PaperBackbone(resnet)
+        body = PaperBackbone(resnet, feature_channels)
         names = ["c5"]
         rpn_in = ["c4"]
         kw.setdefault("rpn_anchor_generator",
                       AnchorGenerator(sizes=(PAPER_ANCHOR_SIZES,), aspect_ratios=(PAPER_ASPECT_RATIOS,)))
         kw.setdefault("rpn_head", RPNHead(body.c4_channels, kw["rpn_anchor_generator"].num_anchors_per_location()[0]))
     c = body.out_channels
-    pool_kw = dict(gamma=preset.gamma, hidden_channels=preset.mdpool_hidden)
+    pool_kw = dict(gamma=preset.gamma, hidden_channels=mdpool_hidden or preset.mdpool_hidden)
     # torchvision only admits MultiScaleRoIAlign here: build with its default, then put ours in place
     box_pool = kw.pop("box_roi_pool", None) or make_roi_pool(preset.box_pool, names, 7, c, **pool_kw)
     mask_pool = kw.pop("mask_roi_pool", None) or make_roi_pool(preset.mask_pool, names, 14, c, **pool_kw)
     if "box_head" not in kw:
         out = box_pool.output_size
         out = out[0] if isinstance(out, (tuple, list)) else out
-        kw["box_head"] = TwoMLPHead(c * out ** 2, 1024)
-    model = cls(body, num_classes=None if "box_predictor" in kw else num_classes, **kw)
+        kw["box_head"] = TwoMLPHead(c * out ** 2, representation_size)
+    own_predictor = "box_predictor" in kw
+    model = cls(body, num_classes=None if own_predictor else num_classes, **kw)
+    if not own_predictor:  # torchvision sizes its default predictor for a 1024-wide box head
+        model.roi_heads.box_predictor = FastRCNNPredictor(representation_size, num_classes)
     model.roi_heads.box_roi_pool = box_pool
     if masks:
         model.roi_heads.mask_roi_pool = mask_pool
@@ -214,6 +224,12 @@ _DOC_ARGS = """
             dict. With weights, BatchNorm is frozen and only the last ``trainable_backbone_layers`` (default
             3) train, as in torchvision; offset convs always train. Without, everything trains with BatchNorm.
         trainable_backbone_layers: 0..5, see above.
+        feature_channels: channels of the FPN levels / of the paper's 1x1 conv on conv5 (256 in the paper);
+            the RPN and RoI heads work on them.
+        representation_size: width of the box head's two fc layers (1024 in the paper).
+        mdpool_hidden: width of the modulated RoI pooling offset branch's fc layers (default: the preset's,
+            1024 as in the paper). The last three are for small models on small images (the demo's CPU
+            recipe); the defaults are the paper's detector.
         **kwargs: passed to torchvision's detector (min_size, max_size, rpn_*, box_*, ...); a given
             ``rpn_anchor_generator``, ``rpn_head``, ``box_roi_pool``, ``box_head``, ``mask_roi_pool`` ...
             replaces the preset's.
@@ -222,18 +238,22 @@ _DOC_ARGS = """
 
 def faster_rcnn(*, preset: Union[str, DetectorPreset] = "regular", backbone: str = "resnet50",
                 num_classes: int = 81, fpn: bool = False, weights_backbone=None,
-                trainable_backbone_layers: Optional[int] = None, **kwargs) -> DCNFasterRCNN:
+                trainable_backbone_layers: Optional[int] = None, feature_channels: int = 256,
+                representation_size: int = 1024, mdpool_hidden: Optional[int] = None, **kwargs) -> DCNFasterRCNN:
     return _build(DCNFasterRCNN, preset=preset, backbone=backbone, num_classes=num_classes, fpn=fpn,
                   weights_backbone=weights_backbone, trainable_backbone_layers=trainable_backbone_layers,
-                  kwargs=kwargs)
+                  feature_channels=feature_channels, representation_size=representation_size,
+                  mdpool_hidden=mdpool_hidden, kwargs=kwargs)
 
 
 def mask_rcnn(*, preset: Union[str, DetectorPreset] = "regular", backbone: str = "resnet50",
               num_classes: int = 81, fpn: bool = True, weights_backbone=None,
-              trainable_backbone_layers: Optional[int] = None, **kwargs) -> DCNMaskRCNN:
+              trainable_backbone_layers: Optional[int] = None, feature_channels: int = 256,
+              representation_size: int = 1024, mdpool_hidden: Optional[int] = None, **kwargs) -> DCNMaskRCNN:
     return _build(DCNMaskRCNN, preset=preset, backbone=backbone, num_classes=num_classes, fpn=fpn,
                   weights_backbone=weights_backbone, trainable_backbone_layers=trainable_backbone_layers,
-                  kwargs=kwargs)
+                  feature_channels=feature_channels, representation_size=representation_size,
+                  mdpool_hidden=mdpool_hidden, kwargs=kwargs)
 
 
 faster_rcnn.__doc__ = ("Faster R-CNN: the paper's (``fpn=False``) or ResNet-FPN, with a preset's deformable "
