@@ -138,7 +138,27 @@ def test_batch_sampler_covers_each_epoch_and_resumes_mid_epoch():
     assert {i for r in ranks for b in r for i, _ in b} == set(range(7))
 
 
+def test_adamw_trains_resumes_exactly_and_keeps_offset_ratio(tmp_path):
+    data = TinyShapes(n=4)
+    kw = dict(max_iters=6, warmup_iters=2, optimizer="adamw", lr=1e-3, checkpoint_every=3)
+    full = tiny_detector()
+    train(full, data, _cfg(tmp_path / "full", **kw))
+    state = load_checkpoint(tmp_path / "full" / LAST_CHECKPOINT)
+    groups = {g["name"]: g for g in state["optimizer"]["param_groups"]}
+    assert groups["base"]["betas"] == (0.9, 0.999)  # AdamW's state, not SGD's
+    assert groups["offset"]["lr"] == pytest.approx(0.1 * groups["base"]["lr"])
+    part = tiny_detector()
+    _crash_at(part, 5)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train(part, data, _cfg(tmp_path / "part", **kw))
+    resumed = tiny_detector(seed=7)
+    train(resumed, data, _cfg(tmp_path / "part", **kw), resume=True)
+    assert torch.equal(params_vector(resumed), params_vector(full))
+
+
 def test_train_config_rejects_bad_values():
+    with pytest.raises(ValueError, match="optimizer"):
+        TrainConfig(optimizer="adam")
     with pytest.raises(ValueError, match="lr"):
         TrainConfig(lr=float("nan"))
     with pytest.raises(ValueError, match="batch_size"):

@@ -286,3 +286,36 @@ def test_bad_widths_are_refused(kwargs):
     name = next(iter(kwargs))
     with pytest.raises(ValueError, match=name):
         models.faster_rcnn(preset="regular", backbone="resnet18", num_classes=NUM_CLASSES, **kwargs)
+
+
+@pytest.mark.parametrize("fpn", [True, False])
+def test_anchor_sizes(fpn):
+    """anchor_sizes sets the RPN's anchors (one per FPN level, or all on conv4) and the model still trains."""
+    sizes = (8, 16, 32, 64, 128)
+    torch.manual_seed(0)
+    model = models.faster_rcnn(preset="regular", backbone="resnet18", num_classes=NUM_CLASSES, fpn=fpn,
+                               anchor_sizes=sizes, **SMALL)
+    gen = model.rpn.anchor_generator
+    assert gen.sizes == (tuple((s,) for s in sizes) if fpn else (sizes,))
+    assert gen.num_anchors_per_location() == ([3] * 5 if fpn else [15])
+    assert all(g is not None for g in train_step_grads(model, masks=False).values())
+
+
+@pytest.mark.parametrize("sizes, message", [((8, 16), "one anchor size per level"), ((8, -1, 2, 3, 4), "positive"),
+                                            ("8", "sequence"), ((8, float("nan"), 2, 3, 4), "positive")])
+def test_bad_anchor_sizes_are_refused(sizes, message):
+    with pytest.raises(ValueError, match=message):
+        models.faster_rcnn(preset="regular", backbone="resnet18", num_classes=NUM_CLASSES, fpn=True,
+                           anchor_sizes=sizes)
+
+
+@pytest.mark.parametrize("preset", ["regular-roipool", "regular", "dconv-c3c5-dpool", "mdconv-c3c5-mdpool"])
+def test_roi_canonical_scale_reaches_every_pool(preset):
+    """roi_canonical_scale sets the FPN level mapping of the box and mask RoI pooling, whatever the pool type."""
+    model = models.mask_rcnn(preset=preset, backbone="resnet18", num_classes=NUM_CLASSES, roi_canonical_scale=56)
+    for pool in (model.roi_heads.box_roi_pool, model.roi_heads.mask_roi_pool):
+        assert pool.canonical_scale == 56 and pool.canonical_level == 4
+    default = models.faster_rcnn(preset=preset, backbone="resnet18", num_classes=NUM_CLASSES, fpn=True)
+    assert default.roi_heads.box_roi_pool.canonical_scale == 224
+    with pytest.raises(ValueError, match="roi_canonical_scale"):
+        models.faster_rcnn(preset=preset, backbone="resnet18", num_classes=NUM_CLASSES, roi_canonical_scale=0)

@@ -23,7 +23,8 @@ class TrainConfig:
     max_iters: Optional[int] = None
     batch_size: int = 2                      # images per process
     lr: float = 0.02
-    momentum: float = 0.9
+    optimizer: str = "sgd"                   # "sgd" (the paper's) or "adamw" (short from-scratch runs)
+    momentum: float = 0.9                    # SGD momentum; AdamW's beta1
     weight_decay: float = 1e-4
     offset_lr_mult: float = 0.1              # offset / modulation branches (paper: 0.1x)
     warmup_iters: int = 500
@@ -56,6 +57,8 @@ class TrainConfig:
             ("log_every", self.log_every, self.log_every >= 1),
             ("num_workers", self.num_workers, self.num_workers >= 0),
         ]
+        if self.optimizer not in ("sgd", "adamw"):
+            raise ValueError(f"optimizer must be 'sgd' or 'adamw', got {self.optimizer!r}")
         if self.max_iters is not None:
             checks.append(("max_iters", self.max_iters, self.max_iters >= 1))
         if self.clip_grad_norm is not None:

@@ -109,11 +109,15 @@ def _collate(batch):
     return tuple(zip(*batch))
 
 
-def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.SGD:
-    """SGD over :func:`dcnv2.nn.param_groups`: offset/mask branches at ``offset_lr_mult`` × lr."""
+def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+    """SGD (or AdamW, ``config.optimizer``) over :func:`dcnv2.nn.param_groups`: offset/mask branches at
+    ``offset_lr_mult`` × lr."""
     from dcnv2.nn import param_groups
 
     groups = param_groups(model, config.lr, offset_lr_mult=config.offset_lr_mult, weight_decay=config.weight_decay)
+    if config.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=config.lr, betas=(config.momentum, 0.999),
+                                 weight_decay=config.weight_decay)
     return torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
 
 

@@ -13,8 +13,9 @@ The preset (:mod:`dcnv2.models.presets`) picks the deformable stages and the box
 """
 from __future__ import annotations
 
+import math
 from collections import OrderedDict
-from typing import Any, Dict, List, Optional, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
@@ -163,12 +164,30 @@ def _unfreeze_offsets(module: nn.Module) -> None:
         p.requires_grad_(True)
 
 
+def _check_anchor_sizes(sizes, fpn: bool) -> Tuple[int, ...]:
+    if isinstance(sizes, (str, bytes)) or not isinstance(sizes, Sequence) or len(sizes) == 0:
+        raise ValueError(f"anchor_sizes must be a non-empty sequence of positive sizes in pixels, got {sizes!r}")
+    if not all(isinstance(a, (int, float)) and not isinstance(a, bool) and math.isfinite(a) and a > 0
+               for a in sizes):
+        raise ValueError(f"anchor_sizes must be positive finite numbers (pixels), got {list(sizes)!r}")
+    if fpn and len(sizes) != 5:
+        raise ValueError(f"an FPN detector needs one anchor size per level P2..P6 (5), got {len(sizes)}: "
+                         f"{list(sizes)!r}")
+    return tuple(sizes)
+
+
 def _build(cls, *, preset, backbone, num_classes, fpn, weights_backbone, trainable_backbone_layers,
-           feature_channels: int, representation_size: int, mdpool_hidden: Optional[int], kwargs: Dict[str, Any]):
+           feature_channels: int, representation_size: int, mdpool_hidden: Optional[int],
+           anchor_sizes: Optional[Sequence[float]], roi_canonical_scale: int, kwargs: Dict[str, Any]):
     preset = get_preset(preset)
+    if anchor_sizes is not None:
+        anchor_sizes = _check_anchor_sizes(anchor_sizes, fpn)
+        if "rpn_anchor_generator" in kwargs:
+            raise ValueError("give anchor_sizes or rpn_anchor_generator, not both")
     if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 2:
         raise ValueError(f"num_classes must be an int >= 2 (background included), got {num_classes!r}")
     for name, value in (("feature_channels", feature_channels), ("representation_size", representation_size),
+                        ("roi_canonical_scale", roi_canonical_scale),
                         ("mdpool_hidden", 1 if mdpool_hidden is None else mdpool_hidden)):
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ValueError(f"{name} must be a positive int, got {value!r}")
@@ -182,16 +201,21 @@ def _build(cls, *, preset, backbone, num_classes, fpn, weights_backbone, trainab
                                [c2, 2 * c2, 4 * c2, 8 * c2], feature_channels, extra_blocks=LastLevelMaxPool())
         names = ["0", "1", "2", "3"]
         rpn_in = None
+        if anchor_sizes is not None:  # one size per level P2..P6, torchvision's three aspect ratios each
+            kw["rpn_anchor_generator"] = AnchorGenerator(sizes=tuple((a,) for a in anchor_sizes),
+                                                         aspect_ratios=((0.5, 1.0, 2.0),) * len(anchor_sizes))
     else:
         _freeze(resnet, trainable)
         body = PaperBackbone(resnet, feature_channels)
         names = ["c5"]
         rpn_in = ["c4"]
         kw.setdefault("rpn_anchor_generator",
-                      AnchorGenerator(sizes=(PAPER_ANCHOR_SIZES,), aspect_ratios=(PAPER_ASPECT_RATIOS,)))
+                      AnchorGenerator(sizes=(tuple(anchor_sizes or PAPER_ANCHOR_SIZES),),
+                                      aspect_ratios=(PAPER_ASPECT_RATIOS,)))
         kw.setdefault("rpn_head", RPNHead(body.c4_channels, kw["rpn_anchor_generator"].num_anchors_per_location()[0]))
     c = body.out_channels
-    pool_kw = dict(gamma=preset.gamma, hidden_channels=mdpool_hidden or preset.mdpool_hidden)
+    pool_kw = dict(gamma=preset.gamma, hidden_channels=mdpool_hidden or preset.mdpool_hidden,
+                   canonical_scale=roi_canonical_scale)
     # torchvision only admits MultiScaleRoIAlign here: build with its default, then put ours in place
     box_pool = kw.pop("box_roi_pool", None) or make_roi_pool(preset.box_pool, names, 7, c, **pool_kw)
     mask_pool = kw.pop("mask_roi_pool", None) or make_roi_pool(preset.mask_pool, names, 14, c, **pool_kw)
@@ -230,6 +254,12 @@ _DOC_ARGS = """
         mdpool_hidden: width of the modulated RoI pooling offset branch's fc layers (default: the preset's,
             1024 as in the paper). The last three are for small models on small images (the demo's CPU
             recipe); the defaults are the paper's detector.
+        anchor_sizes: RPN anchor sizes in pixels, aspect ratios 0.5/1/2: with FPN one per level P2..P6
+            (torchvision's default 32, 64, 128, 256, 512), without FPN all on conv4 (the paper's 5 scales,
+            32..512). Small images with small objects want smaller anchors (the demo uses 8..128).
+        roi_canonical_scale: FPN RoI level mapping: a box of this size (sqrt of area, pixels) is pooled
+            from P4, half of it from P3 ... (``MultiScaleRoIAlign``'s 224 for ~800 px images; the demo's
+            128 px images use 56).
         **kwargs: passed to torchvision's detector (min_size, max_size, rpn_*, box_*, ...); a given
             ``rpn_anchor_generator``, ``rpn_head``, ``box_roi_pool``, ``box_head``, ``mask_roi_pool`` ...
             replaces the preset's.
@@ -239,21 +269,27 @@ _DOC_ARGS = """
 def faster_rcnn(*, preset: Union[str, DetectorPreset] = "regular", backbone: str = "resnet50",
                 num_classes: int = 81, fpn: bool = False, weights_backbone=None,
                 trainable_backbone_layers: Optional[int] = None, feature_channels: int = 256,
-                representation_size: int = 1024, mdpool_hidden: Optional[int] = None, **kwargs) -> DCNFasterRCNN:
+                representation_size: int = 1024, mdpool_hidden: Optional[int] = None,
+                anchor_sizes: Optional[Sequence[float]] = None, roi_canonical_scale: int = 224,
+                **kwargs) -> DCNFasterRCNN:
     return _build(DCNFasterRCNN, preset=preset, backbone=backbone, num_classes=num_classes, fpn=fpn,
                   weights_backbone=weights_backbone, trainable_backbone_layers=trainable_backbone_layers,
                   feature_channels=feature_channels, representation_size=representation_size,
-                  mdpool_hidden=mdpool_hidden, kwargs=kwargs)
+                  mdpool_hidden=mdpool_hidden, anchor_sizes=anchor_sizes,
+                  roi_canonical_scale=roi_canonical_scale, kwargs=kwargs)
 
 
 def mask_rcnn(*, preset: Union[str, DetectorPreset] = "regular", backbone: str = "resnet50",
               num_classes: int = 81, fpn: bool = True, weights_backbone=None,
               trainable_backbone_layers: Optional[int] = None, feature_channels: int = 256,
-              representation_size: int = 1024, mdpool_hidden: Optional[int] = None, **kwargs) -> DCNMaskRCNN:
+              representation_size: int = 1024, mdpool_hidden: Optional[int] = None,
+              anchor_sizes: Optional[Sequence[float]] = None, roi_canonical_scale: int = 224,
+              **kwargs) -> DCNMaskRCNN:
     return _build(DCNMaskRCNN, preset=preset, backbone=backbone, num_classes=num_classes, fpn=fpn,
                   weights_backbone=weights_backbone, trainable_backbone_layers=trainable_backbone_layers,
                   feature_channels=feature_channels, representation_size=representation_size,
-                  mdpool_hidden=mdpool_hidden, kwargs=kwargs)
+                  mdpool_hidden=mdpool_hidden, anchor_sizes=anchor_sizes,
+                  roi_canonical_scale=roi_canonical_scale, kwargs=kwargs)
 
 
 faster_rcnn.__doc__ = ("Faster R-CNN: the paper's (``fpn=False``) or ResNet-FPN, with a preset's deformable "

@@ -74,21 +74,25 @@ class RoIPooler(nn.Module):
 
 
 def make_roi_pool(kind: str, featmap_names: Sequence[str], output_size: int, in_channels: int, *,
-                  sampling_ratio: int = 2, gamma: float = 0.1, hidden_channels: int = 1024) -> nn.Module:
+                  sampling_ratio: int = 2, gamma: float = 0.1, hidden_channels: int = 1024,
+                  canonical_scale: int = 224) -> nn.Module:
     """The RoI pooling layer of a preset's pool type (see :data:`dcnv2.models.presets.POOL_TYPES`).
 
     ``"dpool"`` / ``"mdpool"`` own an offset branch that reads ``in_channels * output_size**2`` pooled
-    features (so their parameter count depends on the pooled map's channels and size).
+    features (so their parameter count depends on the pooled map's channels and size). With several feature
+    maps a RoI of size ``canonical_scale`` is pooled from level 4, one half that size from level 3 and so on
+    (``MultiScaleRoIAlign``'s rule; 224 suits ~800 px images).
     """
+    lv = dict(canonical_scale=canonical_scale, canonical_level=4)
     names = list(featmap_names)
     if kind == "roipool":
-        return RoIPooler(names, output_size, mode="roipool")
+        return RoIPooler(names, output_size, mode="roipool", **lv)
     if kind == "align":
-        return RoIPooler(names, output_size, sampling_ratio, mode="align", aligned=True)
+        return RoIPooler(names, output_size, sampling_ratio, mode="align", aligned=True, **lv)
     if kind == "dpool":
-        return DeformRoIPool(in_channels, output_size, sampling_ratio, gamma, featmap_names=names, aligned=True)
+        return DeformRoIPool(in_channels, output_size, sampling_ratio, gamma, featmap_names=names, aligned=True, **lv)
     if kind == "mdpool":
         return ModulatedDeformRoIPool(in_channels, output_size, sampling_ratio, gamma, hidden_channels,
-                                      featmap_names=names, aligned=True)
+                                      featmap_names=names, aligned=True, **lv)
     raise ValueError(f"unknown RoI pooling kind {kind!r}; expected 'roipool', 'align', 'dpool' or 'mdpool'")
 
