@@ -201,6 +201,50 @@ void fill_columns(const Geometry& g, const TapReader<T>& taps, const T* img, int
   });
 }
 
+// dst[c * ld + q] = src[q * M + c] + bias[c] for q < np, c < M: the GEMM's pixel-major rows into
+// NCHW, transposed in cache-sized blocks and in parallel over channel blocks, the bias added on the way.
+template <typename T>
+void rows_to_channels(const T* src, int64_t np, int64_t M, T* dst, int64_t ld, const T* bias) {
+  constexpr int64_t B = 32;
+  at::parallel_for(0, (M + B - 1) / B, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t cb = b0 * B; cb < std::min(M, b1 * B); cb += B) {
+      const int64_t ce = std::min(M, cb + B);
+      for (int64_t qb = 0; qb < np; qb += B) {
+        const int64_t qe = std::min(np, qb + B);
+        for (int64_t c = cb; c < ce; ++c) {
+          const T add = bias ? bias[c] : T(0);
+          T* d = dst + c * ld;
+          for (int64_t q = qb; q < qe; ++q) d[q] = src[q * M + c] + add;
+        }
+      }
+    }
+  });
+}
+
+// d[q] += wm * gv[q] for q < len; returns sum_q gv[q] * s[q]. The sum runs in kLanes independent
+// partial sums (a fixed order, so results stay bit-identical run to run) so the compiler can keep it
+// in vector registers: a single running sum is a serial dependency it may not reorder.
+template <typename T>
+inline T scatter_and_dot(T* __restrict__ d, const T* __restrict__ gv, const T* __restrict__ s, T wm,
+                         int64_t len) {
+  constexpr int kLanes = 8;
+  T acc[kLanes] = {};
+  int64_t q = 0;
+  for (; q + kLanes <= len; q += kLanes) {
+    for (int u = 0; u < kLanes; ++u) {
+      d[q + u] += wm * gv[q + u];
+      acc[u] += gv[q + u] * s[q + u];
+    }
+  }
+  T dot = 0;
+  for (int u = 0; u < kLanes; ++u) dot += acc[u];
+  for (; q < len; ++q) {
+    d[q] += wm * gv[q];
+    dot += gv[q] * s[q];
+  }
+  return dot;
+}
+
 Geometry make_geometry(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& offset,
                        const std::optional<at::Tensor>& mask, at::IntArrayRef stride,
                        at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
@@ -284,6 +328,8 @@ at::Tensor deform_conv2d_forward_cpu(const at::Tensor& input, const at::Tensor& 
   // than writing the strided [Cout, np] slice of the output directly; one transposing copy follows.
   std::vector<RowGemm> gemm;
   for (int64_t grp = 0; grp < g.G; ++grp) gemm.emplace_back(wmat[grp], P);
+  const bool has_bias = bias && bias->defined();
+  const at::Tensor bias_c = has_bias ? bias->to(ct).contiguous() : at::Tensor();
 
   AT_DISPATCH_FLOATING_TYPES(ct, "dcnv2_deform_conv2d_forward", [&] {
     TapReader<scalar_t> taps{g, off_r.data_ptr<scalar_t>(), mask ? mask_r.data_ptr<scalar_t>() : nullptr};
@@ -292,15 +338,16 @@ at::Tensor deform_conv2d_forward_cpu(const at::Tensor& input, const at::Tensor& 
       for (int64_t p0 = 0; p0 < g.L; p0 += P) {
         const int64_t p1 = std::min(g.L, p0 + P), np = p1 - p0;
         fill_columns<scalar_t>(g, taps, x_cl.data_ptr<scalar_t>(), n, p0, p1, col.data_ptr<scalar_t>());
-        at::Tensor out_n = out[n].view({g.G, g.Coutg(), g.L});
         for (int64_t grp = 0; grp < g.G; ++grp) {
-          at::Tensor cols = col.narrow(0, 0, np).select(1, grp);           // [np, K*Cg]
-          out_n[grp].narrow(1, p0, np).copy_(gemm[grp](cols).t());        // [Coutg, np] <- [np, Coutg]
+          const at::Tensor cols = col.narrow(0, 0, np).select(1, grp);     // [np, K*Cg]
+          const at::Tensor res = gemm[grp](cols).contiguous();            // [np, Coutg]
+          scalar_t* dst = out.data_ptr<scalar_t>() + (n * g.Cout + grp * g.Coutg()) * g.L + p0;
+          rows_to_channels<scalar_t>(res.data_ptr<scalar_t>(), np, g.Coutg(), dst, g.L,
+                                     has_bias ? bias_c.data_ptr<scalar_t>() + grp * g.Coutg() : nullptr);
         }
       }
     }
   });
-  if (bias && bias->defined()) out.add_(bias->to(ct).view({1, g.Cout, 1, 1}));
   return out.to(input.scalar_type());
 }
 
@@ -404,11 +451,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> deform_co
                     const T* s = img + base;
                     T* d = gimg + base;
                     const T wm = cr.w[t] * m;
-                    T dot = 0;
-                    for (int64_t q = 0; q < len; ++q) {
-                      d[q] += wm * gv[q];
-                      dot += gv[q] * s[q];
-                    }
+                    const T dot = scatter_and_dot(d, gv, s, wm, len);
                     gy += dot * cr.dwdy[t];
                     gx += dot * cr.dwdx[t];
                     gm += dot * cr.w[t];
