@@ -55,6 +55,11 @@ def deform_roi_pool(
     sampling positions (from the offsets) read as zero.
     """
     output_size = _checks.pair("output_size", output_size)
+    if torch.onnx.is_in_onnx_export():  # no ONNX op: export a decomposition into standard ops
+        from dcnv2.ops import traceable
+
+        return traceable.deform_roi_pool(input, rois_to_tensor(rois, input), offset, mask, output_size,
+                                         float(spatial_scale), int(sampling_ratio), float(gamma), bool(aligned))
     rois = _validate(input, rois, offset, mask, output_size, spatial_scale, sampling_ratio, gamma, aligned)
     if input.device.type == "cpu" and HAS_NATIVE:
         return torch.ops.dcnv2.deform_roi_pool(

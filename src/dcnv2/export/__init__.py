@@ -1,0 +1,2 @@
+"""Deployment: ONNX export (standard ``DeformConv``, opset >= 19) run by ONNX Runtime, ``torch.export``, and
+reduced-precision CPU inference of the detectors."""
