@@ -29,6 +29,7 @@ from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHe
 from torchvision.models.detection.rpn import RegionProposalNetwork, RPNHead
 from torchvision.ops.misc import FrozenBatchNorm2d
 
+from dcnv2.models.mimic import FeatureMimicking, MimicConfig, MimicRoIHeads, inference_state_dict
 from dcnv2.models.poolers import make_roi_pool
 from dcnv2.models.presets import DetectorPreset, get_preset
 from dcnv2.models.resnet import dcn_resnet
@@ -94,7 +95,8 @@ class FeatureSelectingRPN(RegionProposalNetwork):
 
 
 class _DetectorMixin:
-    """Target validation before any compute, and access to the 2fc RoI feature (for R-CNN feature mimicking)."""
+    """Target validation before any compute, the 2fc RoI feature, and the training-only R-CNN feature
+    mimicking branch (``mimic``, None unless the preset or the builder turns it on)."""
 
     preset: DetectorPreset
     has_masks = False
@@ -108,7 +110,31 @@ class _DetectorMixin:
             if targets is None:
                 raise ValueError("targets must be given in training mode (a list of dicts with boxes and labels)")
             validate_targets(images, targets, self.num_classes, masks=self.has_masks)
+        if self.training and getattr(self, "mimic", None) is not None:
+            return self._forward_with_mimicking(images, targets)
         return super().forward(images, targets)
+
+    def _forward_with_mimicking(self, images, targets) -> Dict[str, Tensor]:
+        """torchvision's training forward (transform, backbone, RPN, RoI heads) plus the mimicking losses on
+        the RoIs the heads sampled."""
+        images, targets = self.transform(images, targets)
+        features = self.backbone(images.tensors)
+        if isinstance(features, Tensor):
+            features = OrderedDict([("0", features)])
+        proposals, proposal_losses = self.rpn(images, features, targets)
+        self.roi_heads.last_training_samples = None
+        _, detector_losses = self.roi_heads(features, proposals, images.image_sizes, targets)
+        sampled = self.roi_heads.last_training_samples
+        self.roi_heads.last_training_samples = None
+        if sampled is None:
+            raise RuntimeError("the RoI heads did not record their training samples (roi_heads must be a "
+                               "MimicRoIHeads for feature mimicking)")
+        mimic_losses = self.mimic(self, images.tensors, images.image_sizes, features, *sampled)
+        return {**detector_losses, **proposal_losses, **mimic_losses}
+
+    def inference_state_dict(self) -> Dict[str, Tensor]:
+        """``state_dict()`` without training-only parts: what the base preset's detector loads."""
+        return inference_state_dict(self.state_dict())
 
     def rcnn_features(self, features: Dict[str, Tensor], boxes: List[Tensor],
                       image_shapes: List[Tuple[int, int]]) -> Tensor:
@@ -178,8 +204,9 @@ def _check_anchor_sizes(sizes, fpn: bool) -> Tuple[int, ...]:
 
 def _build(cls, *, preset, backbone, num_classes, fpn, weights_backbone, trainable_backbone_layers,
            feature_channels: int, representation_size: int, mdpool_hidden: Optional[int],
-           anchor_sizes: Optional[Sequence[float]], roi_canonical_scale: int, kwargs: Dict[str, Any]):
+           anchor_sizes: Optional[Sequence[float]], roi_canonical_scale: int, mimic, kwargs: Dict[str, Any]):
     preset = get_preset(preset)
+    mimic_config = MimicConfig.resolve(preset.mimic, mimic)
     if anchor_sizes is not None:
         anchor_sizes = _check_anchor_sizes(anchor_sizes, fpn)
         if "rpn_anchor_generator" in kwargs:
@@ -232,6 +259,11 @@ def _build(cls, *, preset, backbone, num_classes, fpn, weights_backbone, trainab
         model.roi_heads.mask_roi_pool = mask_pool
     if rpn_in is not None:
         model.rpn = FeatureSelectingRPN.from_rpn(model.rpn, rpn_in)
+    if mimic_config.enabled:
+        if mimic_config.level is not None and mimic_config.level not in names:
+            raise ValueError(f"mimic level {mimic_config.level!r} is not a pooled feature map; choose one of {names}")
+        model.roi_heads = MimicRoIHeads.from_roi_heads(model.roi_heads)
+        model.mimic = FeatureMimicking(representation_size, num_classes, mimic_config)
     model.preset = preset
     model.backbone_name = backbone
     return model
@@ -260,6 +292,10 @@ _DOC_ARGS = """
         roi_canonical_scale: FPN RoI level mapping: a box of this size (sqrt of area, pixels) is pooled
             from P4, half of it from P3 ... (``MultiScaleRoIAlign``'s 224 for ~800 px images; the demo's
             128 px images use 56).
+        mimic: R-CNN feature mimicking settings laid over the preset's (a
+            :class:`dcnv2.models.mimic.MimicConfig` or a dict of its fields, e.g. ``{"patch_size": 64,
+            "rois_per_image": 8}``; ``{"regions": "fg"}`` turns it on for any preset). Training only: the
+            branch is ``model.mimic``, dropped by ``strip_mimicking`` / ``model.inference_state_dict()``.
         **kwargs: passed to torchvision's detector (min_size, max_size, rpn_*, box_*, ...); a given
             ``rpn_anchor_generator``, ``rpn_head``, ``box_roi_pool``, ``box_head``, ``mask_roi_pool`` ...
             replaces the preset's.
@@ -271,12 +307,12 @@ def faster_rcnn(*, preset: Union[str, DetectorPreset] = "regular", backbone: str
                 trainable_backbone_layers: Optional[int] = None, feature_channels: int = 256,
                 representation_size: int = 1024, mdpool_hidden: Optional[int] = None,
                 anchor_sizes: Optional[Sequence[float]] = None, roi_canonical_scale: int = 224,
-                **kwargs) -> DCNFasterRCNN:
+                mimic=None, **kwargs) -> DCNFasterRCNN:
     return _build(DCNFasterRCNN, preset=preset, backbone=backbone, num_classes=num_classes, fpn=fpn,
                   weights_backbone=weights_backbone, trainable_backbone_layers=trainable_backbone_layers,
                   feature_channels=feature_channels, representation_size=representation_size,
                   mdpool_hidden=mdpool_hidden, anchor_sizes=anchor_sizes,
-                  roi_canonical_scale=roi_canonical_scale, kwargs=kwargs)
+                  roi_canonical_scale=roi_canonical_scale, mimic=mimic, kwargs=kwargs)
 
 
 def mask_rcnn(*, preset: Union[str, DetectorPreset] = "regular", backbone: str = "resnet50",
@@ -284,12 +320,12 @@ def mask_rcnn(*, preset: Union[str, DetectorPreset] = "regular", backbone: str =
               trainable_backbone_layers: Optional[int] = None, feature_channels: int = 256,
               representation_size: int = 1024, mdpool_hidden: Optional[int] = None,
               anchor_sizes: Optional[Sequence[float]] = None, roi_canonical_scale: int = 224,
-              **kwargs) -> DCNMaskRCNN:
+              mimic=None, **kwargs) -> DCNMaskRCNN:
     return _build(DCNMaskRCNN, preset=preset, backbone=backbone, num_classes=num_classes, fpn=fpn,
                   weights_backbone=weights_backbone, trainable_backbone_layers=trainable_backbone_layers,
                   feature_channels=feature_channels, representation_size=representation_size,
                   mdpool_hidden=mdpool_hidden, anchor_sizes=anchor_sizes,
-                  roi_canonical_scale=roi_canonical_scale, kwargs=kwargs)
+                  roi_canonical_scale=roi_canonical_scale, mimic=mimic, kwargs=kwargs)
 
 
 faster_rcnn.__doc__ = ("Faster R-CNN: the paper's (``fpn=False``) or ResNet-FPN, with a preset's deformable "

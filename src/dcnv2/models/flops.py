@@ -78,7 +78,11 @@ def register_flop_formulas() -> None:
 
 
 def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
-    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
+    """Parameters of the inference model: training-only parts (the feature mimicking branch) not counted."""
+    from dcnv2.models.mimic import TRAINING_ONLY_PREFIX
+
+    return sum(p.numel() for name, p in model.named_parameters()
+               if (p.requires_grad or not trainable_only) and not name.startswith(TRAINING_ONLY_PREFIX))
 
 
 def _random_boxes(n: int, height: int, width: int, gen: torch.Generator) -> torch.Tensor:

@@ -15,6 +15,17 @@ dconv-c3c5             dconv@c3~c5                         DCNv1 c3–c5 / RoIAl
 dconv-c3c5-dpool       dconv@c3~c5 + dpool                 DCNv1 c3–c5 / deformable RoI pooling
 mdconv-c3c5-mdpool     mdconv@c3~c5 + mdpool               DCNv2 c3–c5 / modulated deformable RoI pooling
 =====================  ==================================  ===============================
+
+and Table 3's R-CNN feature mimicking (training only; inference is the base preset's detector):
+
+=====================  ==================================  ===============================
+preset                 Table 3 row                         base preset + mimicked regions
+=====================  ==================================  ===============================
+regular-mimic          regular + FG only                   regular + fg
+dcnv2                  DCNv2 (mdconv + mdpool, FG only)    mdconv-c3c5-mdpool + fg
+dcnv2-fgbg             DCNv2, FG + BG                      mdconv-c3c5-mdpool + fg+bg
+dcnv2-bg               DCNv2, BG only                      mdconv-c3c5-mdpool + bg
+=====================  ==================================  ===============================
 """
 from __future__ import annotations
 
@@ -22,6 +33,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Dict, Tuple, Union
 
+from dcnv2.models.mimic import MIMIC_REGIONS
 from dcnv2.models.resnet import parse_stages
 
 __all__ = ["POOL_TYPES", "DetectorPreset", "PRESETS", "get_preset"]
@@ -44,6 +56,9 @@ class DetectorPreset:
         mask_pool: 14x14 mask RoI pooling (Mask R-CNN), one of :data:`POOL_TYPES`.
         mdpool_hidden: width of the two hidden fc layers of the modulated RoI pooling offset branch.
         gamma: offset scale of the deformable RoI pooling (0.1 in the paper).
+        mimic: R-CNN feature mimicking on the head's ``"fg"``, ``"fg+bg"`` or ``"bg"`` RoIs, or ``"none"``
+            (:mod:`dcnv2.models.mimic`; patch size, RoI count and loss weights are builder options).
+        base: the preset whose inference model this one trains (itself when it adds no training-only part).
     """
 
     name: str
@@ -55,9 +70,15 @@ class DetectorPreset:
     mask_pool: str = "align"
     mdpool_hidden: int = 1024
     gamma: float = 0.1
+    mimic: str = "none"
+    base: str = ""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "deform_stages", parse_stages(self.deform_stages))
+        if self.mimic not in MIMIC_REGIONS:
+            raise ValueError(f"mimic must be one of {MIMIC_REGIONS}, got {self.mimic!r}")
+        if not self.base:
+            object.__setattr__(self, "base", self.name)
         for field in ("box_pool", "mask_pool"):
             if getattr(self, field) not in POOL_TYPES:
                 raise ValueError(f"{field} must be one of {POOL_TYPES}, got {getattr(self, field)!r}")
@@ -73,6 +94,10 @@ def _p(name, description, stages=(), modulated=False, pool="align"):
     return DetectorPreset(name, description, tuple(stages), modulated, 1, pool, pool)
 
 
+def _mimic(name, description, base, regions):
+    return PRESETS[base].replace(name=name, description=description, mimic=regions, base=base)
+
+
 PRESETS: Dict[str, DetectorPreset] = {p.name: p for p in (
     _p("regular-roipool", "regular (RoIpooling)", pool="roipool"),
     _p("regular", "regular (aligned RoIpooling)"),
@@ -83,6 +108,12 @@ PRESETS: Dict[str, DetectorPreset] = {p.name: p for p in (
     _p("dconv-c3c5-dpool", "dconv@c3~c5 + dpool", ("c3", "c4", "c5"), pool="dpool"),
     _p("mdconv-c3c5-mdpool", "mdconv@c3~c5 + mdpool", ("c3", "c4", "c5"), modulated=True, pool="mdpool"),
 )}
+PRESETS.update({p.name: p for p in (
+    _mimic("regular-mimic", "regular + R-CNN feature mimicking on FG", "regular", "fg"),
+    _mimic("dcnv2", "DCNv2: mdconv@c3~c5 + mdpool + R-CNN feature mimicking on FG", "mdconv-c3c5-mdpool", "fg"),
+    _mimic("dcnv2-fgbg", "DCNv2 with feature mimicking on FG + BG", "mdconv-c3c5-mdpool", "fg+bg"),
+    _mimic("dcnv2-bg", "DCNv2 with feature mimicking on BG only", "mdconv-c3c5-mdpool", "bg"),
+)})
 
 
 def get_preset(preset: Union[str, DetectorPreset]) -> DetectorPreset:

@@ -1,0 +1,231 @@
+"""R-CNN feature mimicking: patch crops, the loss, the region sets, where its gradients go, and that the
+inference model is the base preset's, parameter for parameter."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dcnv2 import models
+from dcnv2.models.flops import count_parameters
+from dcnv2.models.mimic import (FeatureMimicking, MimicConfig, MimicRoIHeads, crop_patches, mimic_loss,
+                                select_mimic_rois)
+from dcnv2.nn import ModulatedDeformConv2d, ModulatedDeformRoIPool
+
+from test_models_detection import NUM_CLASSES, SMALL, batch
+
+MIMIC_PRESETS = ["regular-mimic", "dcnv2", "dcnv2-fgbg", "dcnv2-bg"]
+SMALL_MIMIC = dict(patch_size=32, rois_per_image=4)
+
+
+def build(preset, builder="faster_rcnn", fpn=False, seed=0, **kw):
+    torch.manual_seed(seed)
+    return getattr(models, builder)(preset=preset, backbone="resnet18", num_classes=NUM_CLASSES, fpn=fpn,
+                                    **SMALL, **kw)
+
+
+# --- crops -------------------------------------------------------------------------------------------------
+
+def test_crop_of_a_pixel_aligned_box_at_its_own_size_is_the_pixels():
+    img = torch.arange(2 * 3 * 20 * 24, dtype=torch.float64).reshape(2, 3, 20, 24)
+    boxes = torch.tensor([[4.0, 2.0, 12.0, 10.0], [0.0, 0.0, 24.0, 20.0]], dtype=torch.float64)
+    # an 8x8 box at 8 px, and a whole image (24x20) at... a square patch: check the 8x8 one exactly
+    patch = crop_patches(img, boxes[:1], torch.tensor([1]), 8)
+    assert patch.shape == (1, 3, 8, 8) and patch.dtype == img.dtype
+    torch.testing.assert_close(patch[0], img[1, :, 2:10, 4:12])
+
+
+def test_crop_upsamples_bilinearly_and_reads_zero_outside_the_image():
+    # a horizontal ramp: a bilinear resize of a ramp is a ramp, exact at the patch pixel centres
+    w = 16
+    img = torch.arange(w, dtype=torch.float64).repeat(1, 3, 16, 1)            # value = x index
+    patch = crop_patches(img, torch.tensor([[4.0, 4.0, 8.0, 8.0]], dtype=torch.float64), torch.tensor([0]), 8)
+    # patch pixel j samples x = 4 + (j + 0.5) * 0.5 in continuous coordinates -> index x - 0.5
+    expected = 4 + (torch.arange(8, dtype=torch.float64) + 0.5) * 0.5 - 0.5
+    torch.testing.assert_close(patch[0, 0, 3], expected)
+    # a box hanging over the right border: inside the image the ramp, beyond the half-pixel border 0
+    patch = crop_patches(img, torch.tensor([[12.0, 0.0, 20.0, 8.0]], dtype=torch.float64), torch.tensor([0]), 8)
+    torch.testing.assert_close(patch[0, 0, 0, :4], torch.tensor([12.0, 13.0, 14.0, 15.0], dtype=torch.float64))
+    assert (patch[0, :, :, 5:] == 0).all()
+    # a box touching the top-left corner keeps the corner pixel
+    patch = crop_patches(img, torch.tensor([[0.0, 0.0, 4.0, 4.0]], dtype=torch.float64), torch.tensor([0]), 4)
+    torch.testing.assert_close(patch[0, 0, 0], torch.arange(4, dtype=torch.float64))
+
+
+def test_crop_downsamples_by_averaging_and_handles_no_boxes():
+    img = torch.zeros(1, 3, 8, 8)
+    img[..., ::2] = 1.0                                                     # stripes average to 0.5
+    patch = crop_patches(img, torch.tensor([[0.0, 0.0, 8.0, 8.0]]), torch.tensor([0]), 4)
+    torch.testing.assert_close(patch, torch.full((1, 3, 4, 4), 0.5))
+    assert crop_patches(img, torch.zeros(0, 4), torch.zeros(0, dtype=torch.long), 5).shape == (0, 3, 5, 5)
+
+
+# --- loss and region sets ----------------------------------------------------------------------------------
+
+def test_mimic_loss_is_zero_for_identical_two_for_opposite_features():
+    f = torch.randn(5, 16, dtype=torch.float64)
+    assert mimic_loss(f, f.clone()).item() == pytest.approx(0.0, abs=1e-6)
+    assert mimic_loss(f, -f).item() == pytest.approx(2.0, abs=1e-6)
+    assert mimic_loss(f, 3 * f).item() == pytest.approx(0.0, abs=1e-6)      # cosine: scale does not matter
+    orth = torch.tensor([[1.0, 0.0]]), torch.tensor([[0.0, 2.0]])
+    assert mimic_loss(*orth).item() == pytest.approx(1.0)
+    a = torch.zeros(0, 16, requires_grad=True)
+    zero = mimic_loss(a, torch.zeros(0, 16))
+    assert zero.item() == 0.0 and zero.requires_grad
+    with pytest.raises(ValueError, match="same shape"):
+        mimic_loss(torch.zeros(2, 3), torch.zeros(3, 3))
+
+
+def test_region_sets_pick_the_right_rois_and_cap_the_count():
+    boxes = [torch.arange(40, dtype=torch.float32).reshape(10, 4), torch.zeros(3, 4)]
+    labels = [torch.tensor([0, 2, 0, 1, 0, 0, 3, 0, 0, 1]), torch.tensor([0, 0, 0])]
+    fg, fg_labels = select_mimic_rois(boxes, labels, "fg", 32)
+    assert fg_labels[0].tolist() == [2, 1, 3, 1] and fg[0].tolist() == boxes[0][[1, 3, 6, 9]].tolist()
+    assert fg[1].shape == (0, 4) and fg_labels[1].numel() == 0             # an image without positives
+    bg, bg_labels = select_mimic_rois(boxes, labels, "bg", 32)
+    assert (bg_labels[0] == 0).all() and len(bg_labels[0]) == 6 and len(bg_labels[1]) == 3
+    both, both_labels = select_mimic_rois(boxes, labels, "fg+bg", 32)
+    assert len(both_labels[0]) == 10
+    torch.manual_seed(0)
+    capped, capped_labels = select_mimic_rois(boxes, labels, "fg+bg", 4)
+    assert [len(c) for c in capped] == [4, 3]
+    rows = {tuple(r) for r in boxes[0].tolist()}
+    assert all(tuple(r) in rows for r in capped[0].tolist())                # a subset of the sampled RoIs
+    assert [len(x) for x in select_mimic_rois(boxes, labels, "none", 4)[0]] == [0, 0]
+    with pytest.raises(ValueError, match="regions"):
+        select_mimic_rois(boxes, labels, "foreground", 4)
+
+
+def test_config_checks_and_overrides():
+    assert MimicConfig().to_dict() == dict(regions="fg", rois_per_image=32, patch_size=224, mimic_weight=0.1,
+                                           cls_weight=0.1, level=None)
+    cfg = MimicConfig.resolve("fg+bg", {"patch_size": 64})
+    assert cfg.regions == "fg+bg" and cfg.patch_size == 64 and cfg.rois_per_image == 32
+    assert not MimicConfig.resolve("none", None).enabled
+    for bad in (dict(regions="all"), dict(rois_per_image=0), dict(patch_size=2.5), dict(mimic_weight=float("nan")),
+                dict(cls_weight=-1.0)):
+        with pytest.raises(ValueError):
+            MimicConfig(**bad)
+    with pytest.raises(ValueError, match="unknown mimic settings"):
+        MimicConfig.resolve("fg", {"patch": 64})
+    with pytest.raises(ValueError, match="mimic level"):
+        build("dcnv2", fpn=True, mimic=dict(level="7"))
+
+
+# --- the branch inside the detector ------------------------------------------------------------------------
+
+def test_presets_are_their_base_plus_mimicking():
+    for name, base, regions in [("dcnv2", "mdconv-c3c5-mdpool", "fg"), ("regular-mimic", "regular", "fg"),
+                                ("dcnv2-fgbg", "mdconv-c3c5-mdpool", "fg+bg"), ("dcnv2-bg", "mdconv-c3c5-mdpool", "bg")]:
+        p, b = models.PRESETS[name], models.PRESETS[base]
+        assert p.mimic == regions and p.base == base and b.mimic == "none" and b.base == base
+        assert p.replace(name=base, description=b.description, mimic="none") == b
+
+
+def test_mimic_gradients_reach_backbone_offsets_pooling_branch_and_box_head():
+    model = build("dcnv2", mimic=SMALL_MIMIC)
+    assert isinstance(model.roi_heads, MimicRoIHeads) and isinstance(model.mimic, FeatureMimicking)
+    head_params = {id(p) for p in model.roi_heads.box_predictor.parameters()}
+    assert all(id(p) not in head_params for p in model.mimic.parameters())  # an unshared classifier
+    assert model.mimic.rcnn_classifier.out_features == NUM_CLASSES
+    # give the zero-initialised last layer of the mdpool branch some weight so the hidden fcs are reachable
+    pool = model.roi_heads.box_roi_pool
+    assert isinstance(pool, ModulatedDeformRoIPool)
+    with torch.no_grad():
+        pool.offset_fc[-1].weight.normal_(std=1e-3)
+    model.train()
+    images, targets = batch()
+    losses = model(images, targets)
+    assert {"loss_mimic", "loss_rcnn_cls"} <= set(losses)
+    assert losses["loss_mimic"] > 0 and losses["loss_rcnn_cls"] > 0
+    model.zero_grad()
+    losses["loss_mimic"].backward()
+    grads = {n: p.grad for n, p in model.named_parameters()}
+
+    def some(prefix_or_pred):
+        sel = [g for n, g in grads.items() if prefix_or_pred(n)]
+        return bool(sel) and any(g is not None and g.abs().sum() > 0 for g in sel)
+
+    assert some(lambda n: n.startswith("backbone.body.conv1"))            # the shared trunk
+    dcn = [n for n, m in model.named_modules() if isinstance(m, ModulatedDeformConv2d)]
+    assert dcn and all(some(lambda n, d=d: n.startswith(d + ".conv_offset")) for d in dcn)
+    assert some(lambda n: n.startswith("roi_heads.box_roi_pool.offset_fc.0"))  # the shared pooling branch
+    assert some(lambda n: n.startswith("roi_heads.box_head.fc6")) and some(lambda n: n.startswith("roi_heads.box_head.fc7"))
+    assert not some(lambda n: n.startswith("mimic.")) and not some(lambda n: n.startswith("roi_heads.box_predictor"))
+    model.zero_grad()
+    model(images, targets)["loss_rcnn_cls"].backward()
+    assert model.mimic.rcnn_classifier.weight.grad.abs().sum() > 0
+
+
+def test_no_positive_roi_gives_a_zero_loss_with_a_graph():
+    model = build("dcnv2", mimic=SMALL_MIMIC)
+    model.train()
+    images, _ = batch()
+    empty = [{"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64)} for _ in images]
+    losses = model(images, empty)
+    for k in ("loss_mimic", "loss_rcnn_cls"):
+        assert losses[k].item() == 0.0 and losses[k].requires_grad and torch.isfinite(losses[k])
+    sum(losses.values()).backward()
+    assert torch.isfinite(model.mimic.rcnn_classifier.weight.grad).all()
+
+
+def test_weights_and_patch_settings_are_applied():
+    model = build("dcnv2", mimic=dict(SMALL_MIMIC, mimic_weight=0.0, cls_weight=0.0))
+    model.train()
+    losses = model(*batch())
+    assert losses["loss_mimic"].item() == 0.0 and losses["loss_rcnn_cls"].item() == 0.0
+    seen = []
+    model = build("dcnv2", mimic=dict(patch_size=40, rois_per_image=2))
+    model.backbone.register_forward_pre_hook(lambda m, args: seen.append(tuple(args[0].shape)))
+    model.train()
+    model(*batch())
+    # the image batch, then the patches: at most 2 per image, 40 px
+    assert len(seen) == 2 and seen[1][1:] == (3, 40, 40) and 1 <= seen[1][0] <= 4
+
+
+@pytest.mark.parametrize("preset, base", [("dcnv2", "mdconv-c3c5-mdpool"), ("regular-mimic", "regular")])
+def test_inference_model_is_the_base_preset(preset, base):
+    mimic_model = build(preset, mimic=SMALL_MIMIC)
+    plain = build(base)
+    assert set(mimic_model.inference_state_dict()) == set(plain.state_dict())
+    assert count_parameters(mimic_model) == count_parameters(plain)
+    # a mimic model's inference weights load strictly into the base preset, and predict the same
+    plain.load_state_dict(mimic_model.inference_state_dict())
+    mimic_model.eval(), plain.eval()
+    images, _ = batch()
+    with torch.no_grad():
+        a, b = mimic_model(images), plain(images)
+    for x, y in zip(a, b):
+        assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
+    stripped = models.strip_mimicking(mimic_model)
+    assert not hasattr(stripped, "mimic") or stripped.mimic is None
+    assert set(stripped.state_dict()) == set(plain.state_dict())
+    assert sum(p.numel() for p in stripped.parameters()) == sum(p.numel() for p in plain.parameters())
+
+
+def test_flops_equal_the_base_preset():
+    from dcnv2.models.flops import count_flops
+
+    image = [torch.rand(3, 64, 64)]
+    assert count_flops(build("dcnv2"), image, proposals=20, detections=5)[0] == \
+        count_flops(build("mdconv-c3c5-mdpool"), image, proposals=20, detections=5)[0]
+
+
+@pytest.mark.parametrize("builder, fpn, preset, level", [
+    ("faster_rcnn", False, "dcnv2-fgbg", None),
+    ("faster_rcnn", True, "regular-mimic", None),
+    ("faster_rcnn", True, "dcnv2", "1"),
+    ("mask_rcnn", True, "dcnv2", None),
+    ("mask_rcnn", True, "dcnv2-bg", "0"),
+])
+def test_mimic_presets_train_a_step_and_evaluate(builder, fpn, preset, level):
+    model = build(preset, builder=builder, fpn=fpn, mimic=dict(SMALL_MIMIC, level=level))
+    masks = builder == "mask_rcnn"
+    model.train()
+    losses = model(*batch(masks))
+    assert {"loss_mimic", "loss_rcnn_cls"} <= set(losses) and ("loss_mask" in losses) == masks
+    assert all(torch.isfinite(v) for v in losses.values())
+    sum(losses.values()).backward()
+    model.eval()
+    with torch.no_grad():
+        out = model(batch(masks)[0])
+    assert len(out) == 2 and all("boxes" in o for o in out)
