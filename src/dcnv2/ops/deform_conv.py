@@ -7,6 +7,7 @@ import torch
 from torch import Tensor
 
 from dcnv2.ops import _checks, reference
+from dcnv2.ops import triton as _triton
 from dcnv2.ops._native import HAS_NATIVE
 
 __all__ = ["deform_conv2d"]
@@ -39,23 +40,46 @@ def deform_conv2d(
     Returns:
         Tensor[N, Cout, Ho, Wo].
 
-    Runs the C++ kernel on CPU, torchvision's kernel on CUDA and the pure-PyTorch reference elsewhere.
-    NaN/inf sampling positions read as zero; NaN in the input or mask stays in the outputs it reaches.
+    Runs the C++ kernel on CPU; on CUDA the Triton kernel (``DCNV2_CUDA_BACKEND=triton``, the
+    default), torchvision's kernel (``torchvision``) or the reference (``reference``); the pure-PyTorch
+    reference elsewhere. NaN/inf sampling positions read as zero; NaN in the input or mask stays in the
+    outputs it reaches.
     """
     stride = _checks.pair("stride", stride)
     padding = _checks.pair("padding", padding)
     dilation = _checks.pair("dilation", dilation)
     groups, offset_groups = _validate(input, offset, weight, bias, stride, padding, dilation, mask)
 
-    if input.device.type == "cuda":
+    backend = backend_for(input)
+    if backend == "torchvision":
         import torchvision
 
         return torchvision.ops.deform_conv2d(input, offset, weight, bias, stride, padding, dilation, mask)
-    if input.device.type == "cpu" and HAS_NATIVE:
+    if backend in ("native", "triton"):  # the registered op: C++ on CPU, Triton on CUDA
         return torch.ops.dcnv2.deform_conv2d(
             input, weight, offset, mask, bias, list(stride), list(padding), list(dilation), groups, offset_groups
         )
     return reference.deform_conv2d(input, offset, weight, bias, stride, padding, dilation, mask)
+
+
+def _device_type(t: Tensor) -> str:
+    return t.device.type
+
+
+def backend_for(input: Tensor) -> str:
+    """Which implementation runs ``deform_conv2d`` on ``input``'s device.
+
+    Returns:
+        "native" (the C++ kernel, CPU), "triton" (CUDA; the Triton kernels are registered on the way),
+        "torchvision" (CUDA, by choice or when Triton is unavailable) or "reference".
+    """
+    device = _device_type(input)
+    if device == "cuda":
+        backend = _triton.cuda_backend()
+        if backend == "triton":
+            _triton.register()
+        return backend
+    return "native" if device == "cpu" and HAS_NATIVE else "reference"
 
 
 def _validate(input, offset, weight, bias, stride, padding, dilation, mask):

@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 
 from dcnv2.ops import _checks, reference
+from dcnv2.ops import triton as _triton
 from dcnv2.ops._native import HAS_NATIVE
 
 __all__ = ["deform_roi_pool"]
@@ -51,8 +52,10 @@ def deform_roi_pool(
     Returns:
         Tensor[K, C, ph, pw].
 
-    Runs the C++ kernel on CPU and the pure-PyTorch reference elsewhere (CUDA included). NaN/inf
-    sampling positions (from the offsets) read as zero.
+    Runs the C++ kernel on CPU, the Triton kernel on CUDA (``DCNV2_CUDA_BACKEND=triton``, the
+    default; ``torchvision`` and ``reference`` select the pure-PyTorch reference, torchvision having
+    no deformable RoI pooling) and the reference elsewhere. NaN/inf sampling positions (from the
+    offsets) read as zero.
     """
     output_size = _checks.pair("output_size", output_size)
     if torch.onnx.is_in_onnx_export():  # no ONNX op: export a decomposition into standard ops
@@ -61,7 +64,7 @@ def deform_roi_pool(
         return traceable.deform_roi_pool(input, rois_to_tensor(rois, input), offset, mask, output_size,
                                          float(spatial_scale), int(sampling_ratio), float(gamma), bool(aligned))
     rois = _validate(input, rois, offset, mask, output_size, spatial_scale, sampling_ratio, gamma, aligned)
-    if input.device.type == "cpu" and HAS_NATIVE:
+    if backend_for(input) in ("native", "triton"):  # the registered op: C++ on CPU, Triton on CUDA
         return torch.ops.dcnv2.deform_roi_pool(
             input, rois, offset, mask, output_size[0], output_size[1], float(spatial_scale),
             int(sampling_ratio), float(gamma), bool(aligned),
@@ -69,6 +72,26 @@ def deform_roi_pool(
     return reference.deform_roi_pool(
         input, rois, offset, mask, output_size, float(spatial_scale), int(sampling_ratio), float(gamma), bool(aligned)
     )
+
+
+def _device_type(t: Tensor) -> str:
+    return t.device.type
+
+
+def backend_for(input: Tensor) -> str:
+    """Which implementation runs ``deform_roi_pool`` on ``input``'s device.
+
+    Returns:
+        "native" (the C++ kernel, CPU), "triton" (CUDA; the Triton kernels are registered on the way)
+        or "reference" (other devices, or CUDA by choice or without Triton).
+    """
+    device = _device_type(input)
+    if device == "cuda":
+        if _triton.cuda_backend() == "triton":
+            _triton.register()
+            return "triton"
+        return "reference"
+    return "native" if device == "cpu" and HAS_NATIVE else "reference"
 
 
 def rois_to_tensor(rois: Rois, input: Tensor) -> Tensor:

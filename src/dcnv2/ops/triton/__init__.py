@@ -84,17 +84,23 @@ def cuda_backend() -> str:
     """
     wanted = requested_backend()
     if wanted == "triton":
-        reason = unavailable_reason()
+        reason = unavailable_reason() or _schemas_missing()
         if reason is not None:
             _warn_fallback(reason)
             return "torchvision"
     return wanted
 
 
+def _schemas_missing() -> Optional[str]:
+    from dcnv2.ops import _native
+
+    return None if _native.HAS_NATIVE else "the C++ extension dcnv2._C that defines the op schemas is not built"
+
+
 def describe() -> str:
     """One line for ``dcnv2 tour``: which backend CUDA tensors get, and why."""
     wanted = requested_backend()
-    reason = unavailable_reason()
+    reason = unavailable_reason() or _schemas_missing()
     if wanted == "triton" and reason is not None:
         return f"torchvision conv / reference RoI pooling (Triton unavailable: {reason})"
     src = f"{ENV}={os.environ[ENV]}" if os.environ.get(ENV) else "default"
