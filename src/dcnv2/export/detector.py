@@ -70,6 +70,11 @@ class ExportableDetector(nn.Module):
                             f"got {type(detector).__name__}")
         self.detector = inference_copy(detector)
         self.names = output_names(self.detector)
+        self.eval()
+
+    def train(self, mode: bool = True) -> "ExportableDetector":
+        """Always eval: an inference wrapper (exporters switch modes and restore them afterwards)."""
+        return super().train(False)
 
     def forward(self, image: Tensor) -> Tuple[Tensor, ...]:
         """Args: image Tensor[3, H, W] float in [0, 1]. Returns the tensors named by :attr:`names`."""
