@@ -99,3 +99,21 @@ def test_param_groups_give_offsets_a_tenth_of_the_lr():
     assert [g["name"] for g in param_groups(nn.Linear(2, 2), 0.1)] == ["base"]
     with pytest.raises(ValueError, match="lr"):
         param_groups(model, lr=0)
+
+
+@pytest.mark.parametrize("modulated", [True, False])
+def test_layers_run_under_autocast_like_a_conv(modulated):
+    # a mixed-precision model: float32 weights meet bfloat16 activations; the op runs in bfloat16 (float32
+    # accumulation) and the gradients reach the float32 weights and the offset branch
+    from dcnv2.nn import DeformConv2d, ModulatedDeformConv2d
+
+    torch.manual_seed(0)
+    layer = (ModulatedDeformConv2d if modulated else DeformConv2d)(8, 6, 3, padding=1)
+    torch.nn.init.normal_(layer.conv_offset.weight, std=0.1)
+    x = torch.randn(2, 8, 10, 12, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+    assert y.dtype == torch.bfloat16
+    y.float().sum().backward()
+    assert layer.weight.grad.dtype == torch.float32 and layer.conv_offset.weight.grad.abs().sum() > 0
+    torch.testing.assert_close(y.float(), layer(x).detach(), atol=0.05, rtol=0.05)

@@ -48,6 +48,7 @@ def deform_conv2d(
     stride = _checks.pair("stride", stride)
     padding = _checks.pair("padding", padding)
     dilation = _checks.pair("dilation", dilation)
+    input, offset, weight, bias, mask = _autocast_inputs(input, offset, weight, bias, mask)
     groups, offset_groups = _validate(input, offset, weight, bias, stride, padding, dilation, mask)
 
     backend = backend_for(input)
@@ -175,3 +176,17 @@ if HAS_NATIVE:
         )
 
     torch.library.register_autograd("dcnv2::deform_conv2d", _backward, setup_context=_setup_context)
+
+
+def _autocast_inputs(input, offset, weight, bias, mask):
+    """Under autocast, the op runs like a conv in the autocast dtype (bfloat16 / float16, accumulating in
+    float32): a float32 weight meets the low-precision activations of a mixed-precision model."""
+    device = input.device.type if isinstance(input, Tensor) else "cpu"
+    if not (isinstance(input, Tensor) and input.is_floating_point() and torch.is_autocast_enabled(device)):
+        return input, offset, weight, bias, mask
+    dtype = torch.get_autocast_dtype(device)
+
+    def cast(t):
+        return t.to(dtype) if isinstance(t, Tensor) and t.is_floating_point() else t
+
+    return cast(input), cast(offset), cast(weight), cast(bias), cast(mask)
