@@ -64,6 +64,30 @@ def tiny_detector(num_classes: int = 3, *, masks: bool = False, size: int = 48, 
     return FasterRCNN(backbone, **kwargs)
 
 
+MIMIC_SPEC_KWARGS = dict(
+    feature_channels=16, representation_size=32, mdpool_hidden=16, anchor_sizes=(8, 16, 24, 32, 48),
+    roi_canonical_scale=24, rpn_pre_nms_top_n_train=60, rpn_post_nms_top_n_train=30, rpn_pre_nms_top_n_test=60,
+    rpn_post_nms_top_n_test=30, rpn_batch_size_per_image=64, box_batch_size_per_image=16,
+    mimic=dict(patch_size=24, rois_per_image=4))
+
+
+def tiny_mimic_spec(preset: str = "dcnv2"):
+    """A ModelSpec of a small ResNet-18-FPN detector of ``preset`` (a feature mimicking one by default) for
+    48 px images: patches of 24 px, 4 RoIs per image."""
+    from dcnv2.engine import ModelSpec
+
+    return ModelSpec(arch="faster_rcnn", preset=preset, backbone="resnet18", fpn=True, num_classes=3,
+                     class_names=["square", "bar"], label_to_category_id={1: 10, 2: 20}, min_size=48, max_size=48,
+                     kwargs=dict(MIMIC_SPEC_KWARGS))
+
+
+def tiny_mimic_detector(seed: int = 0, preset: str = "dcnv2") -> nn.Module:
+    from dcnv2.engine import build_model
+
+    torch.manual_seed(seed)
+    return build_model(tiny_mimic_spec(preset))
+
+
 class TinyShapes(torch.utils.data.Dataset):
     """``n`` images of ``size``² px, each with 1–2 filled rectangles of class 1 or 2 (squares vs bars).
 
@@ -145,16 +169,16 @@ def params_vector(model: nn.Module) -> torch.Tensor:
 
 
 def _main(argv):
-    # python tests/engine_support.py train OUT ITERS : the torchrun test's worker
+    # python tests/engine_support.py train OUT ITERS [mimic] : the torchrun tests' worker
     import json
     import os
 
     from dcnv2.engine import TrainConfig, train
     from dcnv2.engine import distributed as D
 
-    _, out, iters = argv
+    _, out, iters, *kind = argv
     torch.set_num_threads(1)
-    model = tiny_detector()
+    model = tiny_mimic_detector() if kind == ["mimic"] else tiny_detector()
     # rank > 0 gets a directory of its own: the test checks that it stays empty (rank-0-only writing)
     run_dir = out if os.environ.get("RANK", "0") == "0" else out.rstrip("/") + "_rank1_out"
     cfg = TrainConfig(out=run_dir, max_iters=int(iters), batch_size=2, lr=0.01, warmup_iters=2, lr_steps=(),
@@ -162,6 +186,8 @@ def _main(argv):
     train(model, TinyShapes(n=8), cfg)
     rank = D.get_rank()
     torch.save(params_vector(model), os.path.join(out, f"params_rank{rank}.pt"))
+    # parameters alone: BatchNorm running statistics (ResNet backbones) follow each rank's last batch
+    torch.save(torch.cat([p.detach().flatten() for p in model.parameters()]), os.path.join(out, f"weights_rank{rank}.pt"))
     with open(os.path.join(out, f"done_rank{rank}.json"), "w") as f:
         json.dump({"rank": rank, "world": D.get_world_size()}, f)
     D.cleanup_distributed()

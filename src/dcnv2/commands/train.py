@@ -34,6 +34,16 @@ def add_parser(sub) -> None:
     g.add_argument("--train-sizes", type=int, nargs="+", default=None, help="multi-scale training shorter sides")
     g.add_argument("--model-arg", type=_kv, action="append", default=[], metavar="KEY=VALUE",
                    help="extra detector argument, e.g. rpn_post_nms_top_n_train=1000 (repeatable)")
+    g = p.add_argument_group("R-CNN feature mimicking (training only; default: the preset's, e.g. fg for dcnv2)")
+    g.add_argument("--mimic-regions", choices=["fg", "fg+bg", "bg", "none"], default=None,
+                   help="which of the box head's sampled RoIs are mimicked (turns the branch on for any preset)")
+    g.add_argument("--mimic-rois", type=int, default=None, help="RoIs mimicked per image (paper: 32)")
+    g.add_argument("--mimic-patch-size", type=int, default=None, help="side of the resized RoI patch (paper: 224)")
+    g.add_argument("--mimic-weight", type=float, default=None, help="weight of the cosine mimic loss (paper: 0.1)")
+    g.add_argument("--rcnn-cls-weight", type=float, default=None,
+                   help="weight of the R-CNN classifier's cross-entropy (paper: 0.1)")
+    g.add_argument("--mimic-level", default=None,
+                   help="FPN: pool the whole patch from this feature map (e.g. 2 = P4) instead of the level mapping")
     g = p.add_argument_group("data")
     g.add_argument("--data", required=True, help="data set root: DIR/annotations/instances_SPLIT.json + DIR/SPLIT/")
     g.add_argument("--split", default="train")
@@ -84,6 +94,9 @@ def run(args) -> int:
                      max_size=args.max_size, kwargs=dict(args.model_arg))
     if args.weights_backbone:
         spec.kwargs["weights_backbone"] = args.weights_backbone
+    mimic = mimic_options(args)
+    if mimic:
+        spec.kwargs["mimic"] = {**spec.kwargs.get("mimic", {}), **mimic}
     config = TrainConfig(
         out=args.out, epochs=args.epochs, max_iters=args.max_iters, batch_size=args.batch_size, lr=args.lr,
         optimizer=args.optimizer, momentum=args.momentum, weight_decay=args.weight_decay, offset_lr_mult=args.offset_lr_mult,
@@ -109,6 +122,13 @@ def run(args) -> int:
     finally:
         D.cleanup_distributed()
     return 0
+
+
+def mimic_options(args) -> dict:
+    """The feature-mimicking settings given on the command line (the rest stay the preset's)."""
+    given = {"regions": args.mimic_regions, "rois_per_image": args.mimic_rois, "patch_size": args.mimic_patch_size,
+             "mimic_weight": args.mimic_weight, "cls_weight": args.rcnn_cls_weight, "level": args.mimic_level}
+    return {k: v for k, v in given.items() if v is not None}
 
 
 def _collate():

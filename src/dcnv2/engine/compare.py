@@ -15,6 +15,7 @@ from dcnv2.engine.config import build_model
 from dcnv2.engine.evaluate import evaluate
 from dcnv2.engine.recipes import SyntheticRecipe, plan_iterations, seconds_per_image_eval, seconds_per_iteration
 from dcnv2.engine.train import ResumableBatchSampler, train
+from dcnv2.models.flops import count_parameters
 
 __all__ = ["compare_presets"]
 
@@ -68,7 +69,7 @@ def compare_presets(presets: Sequence[str], train_set, val_set, out_dir, *, reci
         results[preset] = {
             "metrics": ev["metrics"], "sec_per_iter": (t1 - t0) / iters, "iterations": iters,
             "train_s": t1 - t0, "eval_s": t2 - t1, "run_dir": str(run_dir),
-            "params": sum(p.numel() for p in model.parameters()), "predictions": ev["predictions"],
+            "params": count_parameters(model), "predictions": ev["predictions"],
         }
         bbox = ev["metrics"]["bbox"]
         log(f"{preset}: AP {100 * bbox['AP']:.1f}, AP50 {100 * bbox['AP50']:.1f} "

@@ -145,12 +145,17 @@ class ModelSpec:
         return str(label)
 
 
-def build_model(spec: ModelSpec):
-    """Builds the (untrained) detector described by ``spec`` with :mod:`dcnv2.models`."""
+def build_model(spec: ModelSpec, *, inference: bool = False):
+    """Builds the (untrained) detector described by ``spec`` with :mod:`dcnv2.models`.
+
+    ``inference=True`` leaves out training-only parts (the R-CNN feature mimicking branch): the model that
+    ``model_final.pth`` (:meth:`inference_state_dict`) loads into, for evaluation, prediction and export.
+    """
     from dcnv2 import models
 
     builders = {"faster_rcnn": models.faster_rcnn, "mask_rcnn": models.mask_rcnn}
     if spec.arch not in builders:
         raise ValueError(f"ModelSpec.arch must be one of {sorted(builders)}, got {spec.arch!r}")
-    return builders[spec.arch](preset=spec.preset, backbone=spec.backbone, num_classes=spec.num_classes,
-                               fpn=spec.fpn, min_size=spec.min_size, max_size=spec.max_size, **spec.kwargs)
+    model = builders[spec.arch](preset=spec.preset, backbone=spec.backbone, num_classes=spec.num_classes,
+                                fpn=spec.fpn, min_size=spec.min_size, max_size=spec.max_size, **spec.kwargs)
+    return models.strip_mimicking(model) if inference else model

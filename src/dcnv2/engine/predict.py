@@ -24,8 +24,10 @@ def load_model(checkpoint: Union[str, Path], device: Union[str, torch.device] = 
         raise ValueError(f"checkpoint {str(checkpoint)!r} has no model_spec: it was not written by `dcnv2 train` "
                          "(train with a ModelSpec to make it self-describing)")
     spec = ModelSpec.from_dict(state["model_spec"])
-    model = build_model(spec)
-    model.load_state_dict(state["model"])
+    from dcnv2.models import inference_state_dict
+
+    model = build_model(spec, inference=True)  # checkpoint_last.pth also holds the training-only branch
+    model.load_state_dict(inference_state_dict(state["model"]))
     return model.to(device).eval(), spec
 
 

@@ -50,6 +50,11 @@ class SyntheticRecipe:
         anchor_sizes=(8, 16, 32, 64, 128),
         # and RoIs pooled from P2..P5 by their size relative to these images, not to 800 px ones
         roi_canonical_scale=56,
+        # R-CNN feature mimicking (mimic presets only): the paper's 32 patches of 224 px are about 1.5x its
+        # ~800x1200 image in backbone pixels; 8 patches of 64 px per 128 px image keep a similar ratio (2x).
+        # The whole patch is pooled from P3 (8x8 cells under the 7x7 bins, as the paper's 14x14 conv5 map);
+        # the level mapping would pick P4, a 4x4 map
+        mimic=dict(patch_size=64, rois_per_image=8, level="1"),
     ))
 
     def model_spec(self, preset: str, dataset) -> ModelSpec:

@@ -33,6 +33,8 @@ __all__ = ["train", "NonFiniteLossError", "SeededSamples", "ResumableBatchSample
 LAST_CHECKPOINT = "checkpoint_last.pth"
 FINAL_MODEL = "model_final.pth"
 LOG_FILE = "log.jsonl"
+# losses shown in the progress bar beside the total, when the model reports them (feature mimicking)
+_BAR_LOSSES = ("loss_mimic", "loss_rcnn_cls")
 
 
 class NonFiniteLossError(RuntimeError):
@@ -316,7 +318,8 @@ def train(
                 elapsed = time.perf_counter() - t_start
                 sec_per_it = elapsed / max(1, it - it_at_start)
                 if bar is not None:
-                    bar.set_postfix(loss=f"{loss_value:.3f}", lr=f"{lr:.2g}", refresh=False)
+                    shown = {k[5:]: f"{values[k]:.3f}" for k in _BAR_LOSSES if k in values}
+                    bar.set_postfix(loss=f"{loss_value:.3f}", **shown, lr=f"{lr:.2g}", refresh=False)
                     bar.update(1)
                 if it % config.log_every == 0 or it == total or it == start + 1:
                     extra = {"grad_norm": round(grad_norm, 4)} if grad_norm is not None else {}
@@ -337,7 +340,9 @@ def train(
     final = None
     if main:
         final = out / FINAL_MODEL
-        save_checkpoint({"format": CHECKPOINT_FORMAT, "model": model.state_dict(),
+        # the inference model: training-only parts (feature mimicking) stay in checkpoint_last.pth only
+        inference_state = getattr(model, "inference_state_dict", model.state_dict)()
+        save_checkpoint({"format": CHECKPOINT_FORMAT, "model": inference_state,
                          "model_spec": model_spec.to_dict() if model_spec else None,
                          "train_config": config.to_dict(), "iteration": it}, final)
         try:
