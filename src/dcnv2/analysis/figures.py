@@ -51,7 +51,8 @@ class AnalysisOptions:
         channel: respond with one channel only (None: the whole vector).
         eps: saliency error bound ε; area_step: step-1 area increment (fraction of the image).
         n_segments, compactness: SLIC settings; fill: masked pixel value ("mean", "zero" or a number).
-        batch_size: masked images per forward; saliency: compute saliency regions at all; refine: step 2.
+        batch_size: masked images per forward; saliency: compute saliency regions at all; refine: step 2;
+        greedy: step 2's search, "exact" (the paper's) or "lazy" (see :func:`~dcnv2.analysis.saliency.saliency_region`).
     """
 
     layer: Optional[str] = None
@@ -65,6 +66,7 @@ class AnalysisOptions:
     batch_size: int = 16
     saliency: bool = True
     refine: bool = True
+    greedy: str = "exact"
 
 
 @dataclass
@@ -160,7 +162,7 @@ def analyze_node(model: nn.Module, prepared: PreparedImage, spec: NodeSpec, opti
         sal = saliency_region(node.response, x, size=prepared.size, center=node.center, aspect=aspect,
                               eps=options.eps, area_step=options.area_step, segments=segments,
                               fill=prepared.fill_value(options.fill), fill_name=options.fill,
-                              batch_size=options.batch_size, refine=options.refine)
+                              batch_size=options.batch_size, refine=options.refine, greedy=options.greedy)
     return NodeAnalysis(spec=spec, node=node, erf=erf, locations=locations, saliency=sal)
 
 
