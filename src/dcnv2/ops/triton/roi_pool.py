@@ -110,12 +110,11 @@ def _bin_setup(geo_ptr, grid_ptr, off_ptr, k, bins, bmask, PW, PP, gamma, H, W,
     ox = start_w + sx + j * bin_w
     ylo, yhi = _range(oy, bin_h, gh, H, WALK)
     xlo, xhi = _range(ox, bin_w, gw, W, WALK)
-    big = 1 << 62
-    y0 = tl.min(tl.where(bmask, ylo, big), axis=0)
-    y1 = tl.max(tl.where(bmask, yhi, 0), axis=0)
-    x0 = tl.min(tl.where(bmask, xlo, big), axis=0)
-    x1 = tl.max(tl.where(bmask, xhi, 0), axis=0)
-    return b, start_h, start_w, bin_h, bin_w, count, gh, gw, sy, sx, i, j, y0, y1, x0, x1
+    # each bin walks its own range: step t of the loops is sample lo + t of every bin
+    ny = tl.where(bmask, yhi - ylo, 0)
+    nx = tl.where(bmask, xhi - xlo, 0)
+    return (b, start_h, start_w, bin_h, bin_w, count, gh, gw, sy, sx, i, j, ylo, ny, xlo, nx,
+            tl.max(ny, axis=0), tl.max(nx, axis=0))
 
 
 @triton.jit
@@ -129,18 +128,19 @@ def _roi_fwd_kernel(x_ptr, geo_ptr, grid_ptr, off_ptr, mask_ptr, out_ptr,
     bmask = bins < PP
     cmask = chans < C
     (b, start_h, start_w, bin_h, bin_w, count, gh, gw, sy, sx, i, j,
-     y0, y1, x0, x1) = _bin_setup(geo_ptr, grid_ptr, off_ptr, k, bins, bmask, PW, PP, gamma, H, W,
-                                  HAS_OFF, CDT, WALK)
+     ylo, ny, xlo, nx, ty_end, tx_end) = _bin_setup(geo_ptr, grid_ptr, off_ptr, k, bins, bmask, PW, PP, gamma,
+                                                   H, W, HAS_OFF, CDT, WALK)
     HW = H * W
     cbase = (b * C + chans) * HW  # [BC]
     acc = tl.zeros((BB, BC), CDT)
-    for iy in range(y0, y1):
-        y = start_h + sy + i * bin_h + (iy + 0.5) * bin_h / gh.to(CDT)
-        for ix in range(x0, x1):
-            x = start_w + sx + j * bin_w + (ix + 0.5) * bin_w / gw.to(CDT)
+    for ty in range(0, ty_end):
+        y = start_h + sy + i * bin_h + ((ylo + ty) + 0.5) * bin_h / gh.to(CDT)
+        for tx in range(0, tx_end):
+            x = start_w + sx + j * bin_w + ((xlo + tx) + 0.5) * bin_w / gw.to(CDT)
             (valid, p0, p1, p2, p3, w0, w1, w2, w3,
              _a, _b, _c, _d, _e, _f, _g, _h) = _corners(y, x, H, W)
-            m2 = (valid & bmask)[:, None] & cmask[None, :]
+            live = valid & bmask & (ty < ny) & (tx < nx)
+            m2 = live[:, None] & cmask[None, :]
             v0 = tl.load(x_ptr + cbase[None, :] + p0[:, None], mask=m2, other=0.0).to(CDT)
             v1 = tl.load(x_ptr + cbase[None, :] + p1[:, None], mask=m2, other=0.0).to(CDT)
             v2 = tl.load(x_ptr + cbase[None, :] + p2[:, None], mask=m2, other=0.0).to(CDT)
@@ -165,8 +165,8 @@ def _roi_bwd_bins(x_ptr, go_ptr, gin_ptr, part_ptr, geo_ptr, grid_ptr, off_ptr, 
     bmask = bins < PP
     cmask = chans < C
     (b, start_h, start_w, bin_h, bin_w, count, gh, gw, sy, sx, i, j,
-     y0, y1, x0, x1) = _bin_setup(geo_ptr, grid_ptr, off_ptr, k, bins, bmask, PW, PP, gamma, H, W,
-                                  HAS_OFF, CDT, WALK)
+     ylo, ny, xlo, nx, ty_end, tx_end) = _bin_setup(geo_ptr, grid_ptr, off_ptr, k, bins, bmask, PW, PP, gamma,
+                                                   H, W, HAS_OFF, CDT, WALK)
     HW = H * W
     cbase = (b * C + chans) * HW
     inv = 1.0 / count
@@ -180,13 +180,14 @@ def _roi_bwd_bins(x_ptr, go_ptr, gin_ptr, part_ptr, geo_ptr, grid_ptr, off_ptr, 
     px = tl.zeros(bins.shape, CDT)
     py = tl.zeros(bins.shape, CDT)
     pm = tl.zeros(bins.shape, CDT)
-    for iy in range(y0, y1):
-        y = start_h + sy + i * bin_h + (iy + 0.5) * bin_h / gh.to(CDT)
-        for ix in range(x0, x1):
-            x = start_w + sx + j * bin_w + (ix + 0.5) * bin_w / gw.to(CDT)
+    for ty in range(0, ty_end):
+        y = start_h + sy + i * bin_h + ((ylo + ty) + 0.5) * bin_h / gh.to(CDT)
+        for tx in range(0, tx_end):
+            x = start_w + sx + j * bin_w + ((xlo + tx) + 0.5) * bin_w / gw.to(CDT)
             (valid, p0, p1, p2, p3, w0, w1, w2, w3,
              dy0, dy1, dy2, dy3, dx0, dx1, dx2, dx3) = _corners(y, x, H, W)
-            m2 = (valid & bmask)[:, None] & cmask[None, :]
+            live = valid & bmask & (ty < ny) & (tx < nx)
+            m2 = live[:, None] & cmask[None, :]
             for t in tl.static_range(4):
                 if t == 0:
                     p, w, dwy, dwx = p0, w0, dy0, dx0
