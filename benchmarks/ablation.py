@@ -1,6 +1,10 @@
-"""The paper's Table 1 in miniature: every preset trained with one schedule on the synthetic set, COCO AP.
+"""The paper's Table 1 (and Table 3) in miniature: presets trained with one schedule on the synthetic set, COCO AP.
 
     python benchmarks/ablation.py --minutes 30 [--out outputs/ablation] [--presets regular dconv-c5 ...]
+    python benchmarks/ablation.py --iters 376 --seeds 0 1 --presets mdconv-c3c5-mdpool dcnv2 regular regular-mimic
+
+With several ``--seeds`` every preset is trained once per seed (seed = weights, data order and samplers; the data
+set stays the same) and the table shows each seed's AP50 and the mean ± half the range over seeds.
 
 Every preset gets the same number of iterations (fitted so that all of them together take about
 --minutes on this machine), the same data, seed and recipe as ``dcnv2 demo``. Prints a markdown table
@@ -23,17 +27,19 @@ def main(argv=None) -> int:
     p.add_argument("--presets", nargs="+", default=None, help="default: every preset in dcnv2.models.presets")
     p.add_argument("--iters", type=int, default=None, help="iterations per preset (default: fitted to --minutes)")
     p.add_argument("--data", default=None, help="existing synthetic data set (default: generate under OUT/data)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="data set seed (and training seed without --seeds)")
+    p.add_argument("--seeds", type=int, nargs="+", default=None, help="training seeds (one run per preset each)")
     p.add_argument("--num-train", type=int, default=1600)
     p.add_argument("--num-val", type=int, default=400)
     p.add_argument("--image-size", type=int, default=128)
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     args = p.parse_args(argv)
 
     t_start = time.perf_counter()
     import torch
 
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(args.threads or os.cpu_count() or 1)
     from dcnv2 import data
     from dcnv2.engine.compare import compare_presets
     from dcnv2.engine.datasets import load_dataset
@@ -52,10 +58,17 @@ def main(argv=None) -> int:
     recipe = SyntheticRecipe(image_size=args.image_size)
     train_set = load_dataset(data_dir, "train", train=True, with_masks=False)
     val_set = load_dataset(data_dir, "val", train=False, with_masks=False)
-    budget = args.minutes * 60 - (time.perf_counter() - t_start)
-    results = compare_presets(presets, train_set, val_set, out / "runs", recipe=recipe, budget_s=budget,
-                              iters=args.iters, seed=args.seed, progress=not args.no_progress,
-                              log=lambda s: print(s, file=sys.stderr), collate_fn=data.collate_fn)
+    seeds = args.seeds or [args.seed]
+    per_seed = {}
+    for i, seed in enumerate(seeds):
+        budget = (args.minutes * 60 - (time.perf_counter() - t_start)) / (len(seeds) - i)
+        runs = out / "runs" if args.seeds is None else out / "runs" / f"seed{seed}"
+        per_seed[seed] = compare_presets(presets, train_set, val_set, runs, recipe=recipe, budget_s=budget,
+                                         iters=args.iters, seed=seed, progress=not args.no_progress,
+                                         log=lambda s: print(s, file=sys.stderr), collate_fn=data.collate_fn)
+        if args.iters is None:  # every seed gets the first seed's schedule
+            args.iters = next(iter(per_seed[seed].values()))["iterations"]
+    results = per_seed[seeds[0]]
     iters = next(iter(results.values()))["iterations"]
     lines = [
         f"Synthetic set ({len(train_set)} train / {len(val_set)} val images, {args.image_size} px), "
@@ -69,11 +82,24 @@ def main(argv=None) -> int:
         m = r["metrics"]["bbox"]
         cells = ["–" if m[k] < 0 else f"{100 * m[k]:.1f}" for k in ("AP", "AP50", "AP75", "APs", "APm", "APl")]
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {r['params'] / 1e6:.2f} M | {r['sec_per_iter']:.2f} |")
+    if len(seeds) > 1:
+        lines += ["", f"Over training seeds {', '.join(map(str, seeds))} (mean ± half the range):", "",
+                  "| preset | " + " | ".join(f"AP50 seed {s}" for s in seeds) + " | AP50 | AP |",
+                  "|---|" + "---:|" * (len(seeds) + 2)]
+        for name in presets:
+            ap50 = [100 * per_seed[s][name]["metrics"]["bbox"]["AP50"] for s in seeds]
+            ap = [100 * per_seed[s][name]["metrics"]["bbox"]["AP"] for s in seeds]
+            lines.append(f"| {name} | " + " | ".join(f"{v:.1f}" for v in ap50) + f" | {_spread(ap50)} | {_spread(ap)} |")
     table = "\n".join(lines)
     print(table)
     (out / "ablation.md").write_text(table + "\n")
     print(f"\nwritten to {out / 'ablation.md'} ({(time.perf_counter() - t_start) / 60:.1f} min)", file=sys.stderr)
     return 0
+
+
+def _spread(values) -> str:
+    mean = sum(values) / len(values)
+    return f"{mean:.1f} ± {(max(values) - min(values)) / 2:.1f}"
 
 
 if __name__ == "__main__":

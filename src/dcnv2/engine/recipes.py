@@ -51,10 +51,10 @@ class SyntheticRecipe:
         # and RoIs pooled from P2..P5 by their size relative to these images, not to 800 px ones
         roi_canonical_scale=56,
         # R-CNN feature mimicking (mimic presets only): the paper's 32 patches of 224 px are about 1.5x its
-        # ~800x1200 image in backbone pixels; 8 patches of 64 px per 128 px image keep a similar ratio (2x).
+        # ~800x1333 image in backbone pixels; 6 patches of 64 px per 128 px image keep that ratio (1.5x).
         # The whole patch is pooled from P3 (8x8 cells under the 7x7 bins, as the paper's 14x14 conv5 map);
         # the level mapping would pick P4, a 4x4 map
-        mimic=dict(patch_size=64, rois_per_image=8, level="1"),
+        mimic=dict(patch_size=64, rois_per_image=6, level="1"),
     ))
 
     def model_spec(self, preset: str, dataset) -> ModelSpec:
