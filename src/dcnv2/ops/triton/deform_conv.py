@@ -112,6 +112,7 @@ def _col_tile(x_ptr, cb, cmask, v0, v1, v2, v3, q0, q1, q2, q3, w0, w1, w2, w3, 
 def _dcn_fwd_kernel(x_ptr, w_ptr, off_ptr, mask_ptr, b_ptr, out_ptr,
                     NL, C, H, W, Cout, Cg, Coutg, Cog, OG, K, L, Wo, kw, sh, sw, ph, pw, dh, dw, S, NSEG, NBN,
                     HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, CDT: tl.constexpr, PREC: tl.constexpr,
+                    DOT: tl.constexpr,
                     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
     pid_n = tl.program_id(1)
     g = (pid_n // NBN).to(tl.int64)
@@ -141,7 +142,7 @@ def _dcn_fwd_kernel(x_ptr, w_ptr, off_ptr, mask_ptr, b_ptr, out_ptr,
                 # weight[g * Coutg + co, s * S + cl, k] as a [BK, BN] tile
                 wp = w_ptr + (((g * Coutg + co)[None, :] * Cg + (s * S + cl)[:, None]) * K + k)
                 wt = tl.load(wp, mask=cmask[:, None] & comask[None, :], other=0.0)
-                acc += tl.dot(col.to(wt.dtype), wt, input_precision=PREC, out_dtype=CDT)
+                acc += tl.dot(col.to(DOT), wt.to(DOT), input_precision=PREC, out_dtype=CDT)
     if HAS_BIAS:
         acc += tl.load(b_ptr + g * Coutg + co, mask=comask, other=0.0).to(CDT)[None, :]
     o = out_ptr + ((n * Cout)[:, None] + (g * Coutg + co)[None, :]) * L + p[:, None]
@@ -154,6 +155,7 @@ def _dcn_bwd_data_kernel(x_ptr, w_ptr, off_ptr, mask_ptr, go_ptr, gin_ptr, goff_
                          row0, NL, C, H, W, Cout, Cg, Coutg, Cog, OG, K, L, Wo, kw, sh, sw, ph, pw, dh, dw,
                          S, NSEG,
                          HAS_MASK: tl.constexpr, ATOMIC: tl.constexpr, CDT: tl.constexpr, PREC: tl.constexpr,
+                    DOT: tl.constexpr,
                          BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
     og = tl.program_id(1).to(tl.int64)
     lrows = tl.program_id(0).to(tl.int64) * BM + tl.arange(0, BM)  # rows of this launch's chunk
@@ -187,7 +189,7 @@ def _dcn_bwd_data_kernel(x_ptr, w_ptr, off_ptr, mask_ptr, go_ptr, gin_ptr, goff_
                     got = tl.load(gp, mask=rmask[:, None] & comask[None, :], other=0.0)
                     wp = w_ptr + (((g * Coutg + co)[:, None] * Cg + (cl0 + cc + cl)[None, :]) * K + k)
                     wt = tl.load(wp, mask=comask[:, None] & cmask[None, :], other=0.0)
-                    gc += tl.dot(got.to(wt.dtype), wt, input_precision=PREC, out_dtype=CDT)
+                    gc += tl.dot(got.to(DOT), wt.to(DOT), input_precision=PREC, out_dtype=CDT)
                 cb = ((n * C + c0)[:, None] + (cc + cl)[None, :]) * HW
                 for t in tl.static_range(4):
                     if t == 0:
@@ -253,6 +255,7 @@ def _dcn_bwd_weight_kernel(x_ptr, off_ptr, mask_ptr, go_ptr, part_ptr,
                            NL, C, H, W, Cout, Cg, Coutg, Cog, OG, K, L, Wo, kw, sh, sw, ph, pw, dh, dw,
                            S, NSEG, NBN, NCK, ROWS_PER_SPLIT,
                            HAS_MASK: tl.constexpr, CDT: tl.constexpr, PREC: tl.constexpr,
+                    DOT: tl.constexpr,
                            BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
     pid_n = tl.program_id(0)
     g = (pid_n // NBN).to(tl.int64)
@@ -286,7 +289,7 @@ def _dcn_bwd_weight_kernel(x_ptr, off_ptr, mask_ptr, go_ptr, part_ptr,
         col = _col_tile(x_ptr, cb, cmask, v0, v1, v2, v3, q0, q1, q2, q3, w0, w1, w2, w3, m, CDT)
         gp = go_ptr + ((n * Cout)[None, :] + (g * Coutg + co)[:, None]) * L + p[None, :]
         got = tl.load(gp, mask=comask[:, None] & rmask[None, :], other=0.0)  # [BN, BM]
-        acc += tl.dot(got, col.to(got.dtype), input_precision=PREC, out_dtype=CDT)
+        acc += tl.dot(got.to(DOT), col.to(DOT), input_precision=PREC, out_dtype=CDT)
     # part[split, g * Coutg + co, s * S + cl, k]
     pp = part_ptr + ((split * Cout + (g * Coutg + co)[:, None]) * Cg + (s * S + cl)[None, :]) * K + k
     tl.store(pp, acc, mask=comask[:, None] & cmask[None, :])
@@ -315,13 +318,25 @@ class _Geometry:
                 self.L, self.Wo, self.kw, self.sh, self.sw, self.ph, self.pw, self.dh, self.dw)
 
 
+_DOT_TYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32,
+              torch.float64: tl.float64}
+
+
 def _types(dtype: torch.dtype):
-    """(compute torch dtype, its tl dtype, tl.dot input precision) for an input dtype."""
+    """(compute torch dtype, its tl dtype, tl.dot input precision, tl.dot operand dtype) for an input dtype.
+
+    Half and bfloat16 operands go to ``tl.dot`` as they are, accumulating in float32. Triton's CPU
+    interpreter multiplies bfloat16 operands wrongly (it has no numpy bfloat16), so under
+    ``TRITON_INTERPRET=1`` they are widened to float32 first; GPUs run the bfloat16 product.
+    """
+    dot = _DOT_TYPES[dtype]
+    if dtype == torch.bfloat16 and interpreting():
+        dot = tl.float32
     if dtype == torch.float64:
-        return torch.float64, tl.float64, "ieee"
+        return torch.float64, tl.float64, "ieee", dot
     if dtype == torch.float32 and allow_tf32():
-        return torch.float32, tl.float32, "tf32"
-    return torch.float32, tl.float32, "ieee"
+        return torch.float32, tl.float32, "tf32", dot
+    return torch.float32, tl.float32, "ieee", dot
 
 
 def _blocks(geo: _Geometry) -> Tuple[int, int, int]:
@@ -349,7 +364,7 @@ def conv_forward(input: Tensor, weight: Tensor, offset: Tensor, mask: Optional[T
     out = input.new_empty((geo.N, geo.Cout, geo.Ho, geo.Wo))
     if geo.NL == 0:
         return out
-    _, CDT, PREC = _types(input.dtype)
+    _, CDT, PREC, DOT = _types(input.dtype)
     BM, BN, BK = _blocks(geo)
     NBN = triton.cdiv(geo.Coutg, BN)
     x, w, off = input.contiguous(), weight.contiguous(), offset.contiguous()
@@ -357,7 +372,7 @@ def conv_forward(input: Tensor, weight: Tensor, offset: Tensor, mask: Optional[T
     b = bias.contiguous() if bias is not None else off
     _dcn_fwd_kernel[(triton.cdiv(geo.NL, BM), geo.G * NBN)](
         x, w, off, msk, b, out, *geo.args(), geo.S, geo.Cg // geo.S, NBN,
-        HAS_MASK=mask is not None, HAS_BIAS=bias is not None, CDT=CDT, PREC=PREC, BM=BM, BN=BN, BK=BK,
+        HAS_MASK=mask is not None, HAS_BIAS=bias is not None, CDT=CDT, PREC=PREC, DOT=DOT, BM=BM, BN=BN, BK=BK,
     )
     return out
 
@@ -385,7 +400,7 @@ def conv_backward(grad_output: Tensor, input: Tensor, weight: Tensor, offset: Te
         deterministic = torch.are_deterministic_algorithms_enabled()
     geo = _Geometry(input, weight, offset, stride, padding, dilation, groups, offset_groups)
     _check_device(input, geo)
-    ct, CDT, PREC = _types(input.dtype)
+    ct, CDT, PREC, DOT = _types(input.dtype)
     dev = input.device
     gin = torch.zeros((geo.N, geo.C, geo.H, geo.W), dtype=ct, device=dev)
     goff = torch.zeros(offset.shape, dtype=ct, device=dev)
@@ -397,7 +412,7 @@ def conv_backward(grad_output: Tensor, input: Tensor, weight: Tensor, offset: Te
         go = grad_output.contiguous()
         msk = mask.contiguous() if mask is not None else off
         gm_arg = gmask if gmask is not None else goff
-        common = dict(HAS_MASK=mask is not None, CDT=CDT, PREC=PREC, BM=BM, BN=BN, BK=BK)
+        common = dict(HAS_MASK=mask is not None, CDT=CDT, PREC=PREC, DOT=DOT, BM=BM, BN=BN, BK=BK)
         nseg_og = geo.Cog // geo.S
         if not deterministic:
             _dcn_bwd_data_kernel[(triton.cdiv(geo.NL, BM), geo.OG)](
