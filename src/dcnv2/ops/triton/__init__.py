@@ -38,7 +38,11 @@ def interpreting() -> bool:
 @functools.lru_cache(maxsize=None)
 def unavailable_reason() -> Optional[str]:
     """None when Triton can be used, else a sentence saying why not."""
-    if importlib.util.find_spec("triton") is None:
+    try:
+        missing = importlib.util.find_spec("triton") is None
+    except (ImportError, ValueError):  # e.g. sys.modules["triton"] = None
+        missing = True
+    if missing:
         return "the `triton` package is not installed (it ships with the Linux CUDA wheels of torch)"
     try:
         import triton  # noqa: F401
