@@ -19,7 +19,11 @@ def run(args) -> int:
     from dcnv2.nn import ModulatedDeformConv2d
 
     print(f"dcnv2 {dcnv2.__version__} · torch {torch.__version__} · {torch.get_num_threads()} threads · "
-          f"native CPU kernel: {dcnv2.ops._native.HAS_NATIVE}\n")
+          f"native CPU kernel: {dcnv2.ops._native.HAS_NATIVE}")
+    from dcnv2.ops import triton as cuda_kernels
+
+    gpu = "a CUDA GPU is present" if torch.cuda.is_available() else "no CUDA GPU here"
+    print(f"CUDA backend: {cuda_kernels.describe()} ({gpu})\n")
 
     torch.manual_seed(0)
     layer = ModulatedDeformConv2d(64, 64, 3, padding=1)

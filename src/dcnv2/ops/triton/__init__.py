@@ -107,8 +107,8 @@ def describe() -> str:
     reason = unavailable_reason() or _schemas_missing()
     if wanted == "triton" and reason is not None:
         return f"torchvision conv / reference RoI pooling (Triton unavailable: {reason})"
-    src = f"{ENV}={os.environ[ENV]}" if os.environ.get(ENV) else "default"
-    return f"{wanted} ({src}; {ENV}=triton|torchvision|reference)"
+    src = f"set by {ENV}" if os.environ.get(ENV) else "the default"
+    return f"{wanted} ({src}; choose with {ENV}=triton|torchvision|reference)"
 
 
 def allow_tf32() -> bool:
