@@ -1,0 +1,132 @@
+"""`dcnv2 analyze figure` and `dcnv2 analyze focus` on small synthetic-data checkpoints of real presets."""
+from __future__ import annotations
+
+import json
+import math
+import re
+
+import pytest
+import torch
+
+from dcnv2 import cli
+from dcnv2.analysis import load_analysis_model
+
+SIZE = 64
+KWARGS = dict(feature_channels=16, representation_size=32, mdpool_hidden=16, anchor_sizes=(8, 16, 32, 64, 128),
+              roi_canonical_scale=28, rpn_pre_nms_top_n_train=50, rpn_post_nms_top_n_train=20,
+              rpn_pre_nms_top_n_test=50, rpn_post_nms_top_n_test=20, rpn_batch_size_per_image=32,
+              box_batch_size_per_image=16)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """A 64-px synthetic set and two ResNet-18-FPN Faster R-CNNs (regular, DCNv2) trained two iterations each."""
+    from dcnv2 import data
+    from dcnv2.engine import ModelSpec, TrainConfig, train
+
+    torch.set_num_threads(2)
+    root = tmp_path_factory.mktemp("analysis")
+    data.synthetic.generate(root / "data", seed=0, num_train=4, num_val=3, image_size=SIZE, min_objects=2)
+    train_set = data.load_split(root / "data", "train", with_masks=False)
+    ckpts = {}
+    for preset in ("regular", "mdconv-c3c5-mdpool"):
+        spec = ModelSpec(arch="faster_rcnn", preset=preset, backbone="resnet18", fpn=True,
+                         num_classes=train_set.num_classes, class_names=train_set.class_names,
+                         label_to_category_id=train_set.label_to_category_id, min_size=SIZE, max_size=SIZE,
+                         kwargs=dict(KWARGS))
+        from dcnv2.engine.config import build_model
+
+        torch.manual_seed(0)
+        model = build_model(spec)
+        train(model, train_set, TrainConfig(out=str(root / preset), max_iters=2, batch_size=2, warmup_iters=1,
+                                            lr_steps=(), num_workers=0, progress=False, optimizer="adamw",
+                                            lr=1e-3), model_spec=spec, collate_fn=data.collate_fn)
+        ckpts[preset] = root / preset / "model_final.pth"
+    return root, ckpts
+
+
+FAST = ["--n-segments", "12", "--area-step", "0.05", "--greedy", "lazy", "--threads", "2"]
+
+
+def test_figure_command_picks_nodes_and_draws(setup, capsys):
+    root, ckpts = setup
+    image = sorted((root / "data" / "val").glob("*.png"))[0]
+    out = root / "fig.png"
+    rc = cli.main(["analyze", "figure", "--checkpoint", str(ckpts["regular"]), "--checkpoint",
+                   str(ckpts["mdconv-c3c5-mdpool"]), "--name", "regular", "--name", "dcnv2", "--image", str(image),
+                   "--out", str(out)] + FAST)
+    assert rc == 0
+    text = capsys.readouterr().out
+    from PIL import Image
+
+    with Image.open(out) as im:
+        assert im.format == "PNG" and im.width > 4 * im.height / 3  # 6 columns x 3 rows
+    rows = [line for line in text.splitlines() if line.startswith("| regular") or line.startswith("| dcnv2")]
+    assert len(rows) == 6  # small object, large object, background for each model
+    for line in rows:
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        assert cells[1] in {"small object", "large object", "background"}
+        assert int(cells[3]) == 729  # 3 composed 3x3 layers
+        area, err = float(cells[4]), float(cells[5])
+        assert 0 <= area <= 100 and 0 <= err < 0.1
+        cx, cy = (float(v) for v in re.findall(r"[-\d.]+", cells[2]))
+        assert 0 <= cx <= SIZE and 0 <= cy <= SIZE
+
+
+def test_figure_command_with_given_nodes_and_boxes(setup, tmp_path, capsys):
+    root, ckpts = setup
+    from PIL import Image
+
+    image = tmp_path / "free.png"  # not part of any data set: nodes must be given
+    Image.fromarray((torch.rand(SIZE, SIZE, 3) * 255).to(torch.uint8).numpy()).save(image)
+    out = tmp_path / "fig.png"
+    rc = cli.main(["analyze", "figure", "--checkpoint", str(ckpts["mdconv-c3c5-mdpool"]), "--image", str(image),
+                   "--node", "20,30", "--box", "10,12,40,50", "--out", str(out), "--no-saliency"] + FAST)
+    assert rc == 0 and out.is_file()
+    text = capsys.readouterr().out
+    assert "node (20, 30)" in text and "box (10, 12, 40, 50)" in text
+    assert "| 49 |" in text  # 7 x 7 bins of the RoI node
+    rc = cli.main(["analyze", "figure", "--checkpoint", str(ckpts["regular"]), "--image", str(image),
+                   "--out", str(out)])
+    assert rc == 2
+    assert "--node" in capsys.readouterr().err
+
+
+def test_focus_command_prints_and_writes_table(setup, capsys):
+    root, ckpts = setup
+    out = root / "focus"
+    rc = cli.main(["analyze", "focus", "--checkpoint", str(ckpts["regular"]), "--checkpoint",
+                   str(ckpts["mdconv-c3c5-mdpool"]), "--data", str(root / "data"), "--split", "val",
+                   "--num-images", "2", "--out", str(out)] + FAST)
+    assert rc == 0
+    text = capsys.readouterr().out
+    head = [line for line in text.splitlines() if line.startswith("| model")][0]
+    assert [c.strip() for c in head.strip("|").split("|")] == [
+        "model", "node", "nodes", "ERF in box (%)", "ERF in mask (%)", "saliency area (%)", "saliency IoU box (%)",
+        "saliency IoU mask (%)"]
+    report = json.loads((out / "focus.json").read_text())
+    assert (out / "focus.md").read_text().startswith("| model")
+    summary = report["summary"]
+    assert [(r["model"], r["kind"]) for r in summary] == [("regular", "image"), ("regular", "roi"),
+                                                          ("mdconv-c3c5-mdpool", "image"), ("mdconv-c3c5-mdpool", "roi")]
+    for row in summary:
+        assert row["nodes"] == 2  # one object in each of the two images
+        for key in ("erf_in_box", "erf_in_mask", "sal_area", "sal_iou_box", "sal_iou_mask"):
+            assert 0 <= row[key] <= 1, (key, row)
+    for rec in report["records"]:
+        assert rec["sal_error"] < 0.1 and rec["erf_in_mask"] <= rec["erf_in_box"] + 1e-9 or math.isnan(rec["sal_error"])
+
+
+def test_mimicking_branch_is_dropped(setup, tmp_path):
+    root, ckpts = setup
+    from dcnv2.engine import load_checkpoint, save_checkpoint
+
+    state = load_checkpoint(ckpts["regular"])
+    state["model"]["mimic.rcnn_classifier.weight"] = torch.zeros(3, 4)
+    save_checkpoint(state, tmp_path / "mimic.pth")
+    model, spec = load_analysis_model(tmp_path / "mimic.pth")
+    ref, _ = load_analysis_model(ckpts["regular"])
+    assert not model.training and spec.preset == "regular"
+    assert not any(k.startswith("mimic.") for k in model.state_dict())
+    for (k, a), b in zip(ref.state_dict().items(), model.state_dict().values()):
+        assert torch.equal(a, b), k
