@@ -15,14 +15,14 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from dcnv2.analysis.nodes import ImageNode, PreparedImage, RoINode, trunk_of
+from dcnv2.analysis.nodes import ImageNode, PreparedImage, RoINode, prepare_image, trunk_of
 from dcnv2.analysis.receptive_field import ERF, effective_receptive_field
 from dcnv2.analysis.saliency import SaliencyResult, saliency_region, slic_segments
 from dcnv2.analysis.sampling_locations import (BinLocations, SamplingLocations, effective_bin_locations,
                                                effective_sampling_locations)
 
 __all__ = ["NodeSpec", "AnalysisOptions", "NodeAnalysis", "pick_nodes", "make_node", "analyze_node",
-           "draw_figure"]
+           "draw_figure", "figure_for_models"]
 
 
 @dataclass(frozen=True)
@@ -258,3 +258,52 @@ def draw_figure(results: Dict[str, List[NodeAnalysis]], images: Dict[str, Prepar
     fig.savefig(out, dpi=dpi)
     plt.close(fig)
     return out
+
+
+def figure_for_models(models: Dict[str, nn.Module], image: Tensor, out: Union[str, Path], *,
+                      specs: Optional[Sequence[NodeSpec]] = None, boxes: Optional[Tensor] = None,
+                      masks: Optional[Tensor] = None, roi: bool = False,
+                      options: Optional[AnalysisOptions] = None, progress=None, dpi: int = 100,
+                      title: Optional[str] = None) -> Tuple[Path, Dict[str, List[NodeAnalysis]]]:
+    """Analyses the same nodes in each model and draws the figure.
+
+    Args:
+        models: name -> detector (eval mode); all must resize ``image`` alike.
+        image: Tensor[3, H, W] in [0, 1], original size.
+        out: PNG path.
+        specs: nodes in the *prepared* image's pixels; default: :func:`pick_nodes` from ``boxes`` / ``masks``
+            (ground truth in original-image pixels).
+        roi: with picked nodes, RoI-wise ones.
+        options: :class:`AnalysisOptions`.
+        progress: optional callable ``(done, total, label)`` called after each node.
+
+    Returns:
+        (out, {name: [NodeAnalysis]}).
+    """
+    options = options or AnalysisOptions()
+    if not models:
+        raise ValueError("models must name at least one detector")
+    prepared = {name: prepare_image(m, image) for name, m in models.items()}
+    first = next(iter(prepared.values()))
+    if any(p.size != first.size for p in prepared.values()):
+        raise ValueError("the models resize the image differently; analyse them in separate figures")
+    if specs is None:
+        if boxes is None:
+            raise ValueError("give the nodes (specs) or the ground truth (boxes) to pick them from")
+        sb = torch.tensor([first.box_to_input(b) for b in boxes.reshape(-1, 4).tolist()]).reshape(-1, 4)
+        sm = None
+        if masks is not None and len(masks):
+            sm = torch.nn.functional.interpolate(masks[:, None].float(), size=first.size, mode="nearest")[:, 0]
+        specs = pick_nodes(sb, first.size, roi=roi, masks=sm)
+    segments = slic_segments(first.rgb, options.n_segments, options.compactness) \
+        if options.saliency and options.refine else None
+    results: Dict[str, List[NodeAnalysis]] = {}
+    total, done = len(models) * len(specs), 0
+    for name, model in models.items():
+        results[name] = []
+        for spec in specs:
+            results[name].append(analyze_node(model, prepared[name], spec, options, segments=segments))
+            done += 1
+            if progress:
+                progress(done, total, f"{name}: {spec.label}")
+    return draw_figure(results, prepared, out, dpi=dpi, title=title), results

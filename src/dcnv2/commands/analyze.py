@@ -166,47 +166,37 @@ def figure(args, log=print):
     """Runs ``analyze figure``; returns (output path, {model: [NodeAnalysis]})."""
     import time
 
-    import torch
     from tqdm import tqdm
 
-    from dcnv2.analysis.figures import NodeSpec, analyze_node, draw_figure, pick_nodes
+    from dcnv2.analysis.figures import NodeSpec, figure_for_models
     from dcnv2.analysis.nodes import prepare_image
-    from dcnv2.analysis.saliency import slic_segments
     from dcnv2.engine.predict import read_image
 
     t0 = time.perf_counter()
     options = _options(args)
     image = read_image(args.image)
     models = _models(args)
-    prepared = {name: prepare_image(model, image) for name, model, _ in models}
-    first = prepared[models[0][0]]
-    if any(p.size != first.size for p in prepared.values()):
-        raise ValueError("the models resize the image differently; analyse them in separate figures")
+    first = prepare_image(models[0][1], image)
     sy, sx = first.scale
     specs = [NodeSpec(f"node ({x:g}, {y:g})", "image", xy=(x * sx, y * sy)) for x, y in (args.node or [])]
     specs += [NodeSpec("box (" + ", ".join(f"{v:g}" for v in b) + ")", "roi", box=first.box_to_input(b))
               for b in (args.box or [])]
+    boxes = masks = None
     if not specs:
         gt = _ground_truth(args.image, args.data, args.split)
         if gt is None:
             raise ValueError("give --node x,y or --box x1,y1,x2,y2, or --data DIR so that nodes can be picked from "
                              "the image's ground truth")
         boxes, masks = gt
-        boxes = torch.tensor([first.box_to_input(b) for b in boxes.tolist()]).reshape(-1, 4)
-        masks = torch.nn.functional.interpolate(masks[:, None].float(), size=first.size, mode="nearest")[:, 0] \
-            if len(masks) else None
-        specs = pick_nodes(boxes, first.size, roi=args.roi, masks=masks)
-    segments = slic_segments(first.rgb, options.n_segments, options.compactness) \
-        if options.saliency and options.refine else None
-    results = {}
-    with tqdm(total=len(models) * len(specs), desc="analyze", unit="node") as bar:
-        for name, model, _ in models:
-            results[name] = []
-            for spec in specs:
-                bar.set_postfix_str(f"{name}: {spec.label}")
-                results[name].append(analyze_node(model, prepared[name], spec, options, segments=segments))
-                bar.update()
-    out = draw_figure(results, prepared, args.out, dpi=args.dpi)
+    with tqdm(desc="analyze", unit="node") as bar:
+        def progress(done, total, label):
+            bar.total = total
+            bar.set_postfix_str(label)
+            bar.update(done - bar.n)
+
+        out, results = figure_for_models({name: model for name, model, _ in models}, image, args.out,
+                                         specs=specs or None, boxes=boxes, masks=masks, roi=args.roi,
+                                         options=options, progress=progress, dpi=args.dpi)
     log(_figure_table(results))
     log(f"\nfigure: {out} ({time.perf_counter() - t0:.0f} s)")
     return out, results
