@@ -214,10 +214,16 @@ def main(argv=None) -> int:
     p.add_argument("--demo-checkpoint", default=None, help="a trained demo checkpoint: adds the AP comparison")
     p.add_argument("--data", default="outputs/demo/data", help="synthetic data set of the demo (val split)")
     p.add_argument("--ap-images", type=int, default=0, help="validation images for AP (0: all)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="threads for PyTorch and ONNX Runtime alike (default: PyTorch's). On a machine shared with "
+                        "other jobs, 1 avoids timing the stalls of a multi-threaded op waiting for a descheduled "
+                        "thread")
     p.add_argument("--no-op-row", action="store_true", help="skip the single-layer bfloat16 row")
     p.add_argument("--no-latency", action="store_true", help="only the AP comparison (needs --demo-checkpoint)")
     args = p.parse_args(argv)
     warnings.simplefilter("ignore")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU capability "
           f"{torch.backends.cpu.get_cpu_capability()}", flush=True)
     out = []
