@@ -143,7 +143,7 @@ def case_nan_inf_offsets_match_cpu_kernel():
 
 
 def case_batch_independent_bitwise():
-    cfg = (3,) + CONFIGS[1][1:]
+    cfg = (3, 4, 5, 6, 4, 2, 2, 3, 2, (1, 2), (1, 1), (1, 1), True, True)
     a = _make(cfg, seed=50)
     grad = torch.randn((3, 4) + tuple(a["off"].shape[2:]), dtype=D)
     one = {k: (v[1:2] if k in ("x", "off", "mask") else v) for k, v in a.items()}

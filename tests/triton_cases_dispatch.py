@@ -173,3 +173,17 @@ def case_missing_triton_falls_back_with_a_clear_warning():
         text = " ".join(str(w.message) for w in caught)
         assert "test: triton is gone" in text and "torchvision" in text and "reference" in text, text
         assert "Triton unavailable" in tri.describe()
+
+
+def case_cuda_backend_choice_compiles_fullgraph():
+    """The backend choice (environment, registration) is a trace-time constant for torch.compile."""
+    x = torch.randn(1, 2, 5, 5, requires_grad=True)
+    w = torch.randn(3, 2, 3, 3)
+    off = torch.randn(1, 18, 3, 3)
+    rois = torch.tensor([[0, 0.0, 0.0, 3.0, 3.0]])
+    torch._dynamo.reset()
+    with env(None), on_cuda():
+        y = torch.compile(dcnv2.ops.deform_conv2d, fullgraph=True, backend="eager")(x, off, w)
+        p = torch.compile(dcnv2.ops.deform_roi_pool, fullgraph=True, backend="eager")(x, rois, output_size=2)
+    (y.sum() + p.sum()).backward()
+    assert y.shape == (1, 3, 3, 3) and p.shape == (1, 2, 2, 2) and x.grad is not None

@@ -76,10 +76,7 @@ def backend_for(input: Tensor) -> str:
     """
     device = _device_type(input)
     if device == "cuda":
-        backend = _triton.cuda_backend()
-        if backend == "triton":
-            _triton.register()
-        return backend
+        return _triton.resolve_cuda_backend()
     return "native" if device == "cpu" and HAS_NATIVE else "reference"
 
 

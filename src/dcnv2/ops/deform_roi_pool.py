@@ -87,10 +87,7 @@ def backend_for(input: Tensor) -> str:
     """
     device = _device_type(input)
     if device == "cuda":
-        if _triton.cuda_backend() == "triton":
-            _triton.register()
-            return "triton"
-        return "reference"
+        return "triton" if _triton.resolve_cuda_backend() == "triton" else "reference"
     return "native" if device == "cpu" and HAS_NATIVE else "reference"
 
 

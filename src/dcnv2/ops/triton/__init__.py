@@ -23,8 +23,8 @@ from typing import Optional
 
 import torch
 
-__all__ = ["BACKENDS", "available", "unavailable_reason", "requested_backend", "cuda_backend", "register",
-           "interpreting", "allow_tf32"]
+__all__ = ["BACKENDS", "available", "unavailable_reason", "requested_backend", "cuda_backend",
+           "resolve_cuda_backend", "register", "interpreting", "allow_tf32", "describe"]
 
 BACKENDS = ("triton", "torchvision", "reference")
 ENV = "DCNV2_CUDA_BACKEND"
@@ -123,6 +123,21 @@ def allow_tf32() -> bool:
     if p == "ieee":
         return False
     return torch.get_float32_matmul_precision() != "highest"
+
+
+def _constant(fn):
+    """Under torch.compile the choice is made once, at trace time, like a constant."""
+    assume = getattr(getattr(torch, "_dynamo", None), "assume_constant_result", None)
+    return assume(fn) if assume is not None else fn
+
+
+@_constant
+def resolve_cuda_backend() -> str:
+    """:func:`cuda_backend`, with the Triton kernels registered when it is ``triton``."""
+    backend = cuda_backend()
+    if backend == "triton":
+        register()
+    return backend
 
 
 _registered = False

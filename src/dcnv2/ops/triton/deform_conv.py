@@ -257,11 +257,11 @@ def _dcn_bwd_weight_kernel(x_ptr, off_ptr, mask_ptr, go_ptr, part_ptr,
                            HAS_MASK: tl.constexpr, CDT: tl.constexpr, PREC: tl.constexpr,
                     DOT: tl.constexpr,
                            BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
-    pid_n = tl.program_id(0)
+    pid_n = tl.program_id(1)
     g = (pid_n // NBN).to(tl.int64)
     co = (pid_n % NBN).to(tl.int64) * BN + tl.arange(0, BN)
     comask = co < Coutg
-    pid_r = tl.program_id(1).to(tl.int64)  # (k, segment, chunk)
+    pid_r = tl.program_id(0).to(tl.int64)  # (k, segment, chunk): the long axis, first (no 65535 limit)
     k = pid_r // (NSEG * NCK)
     s = (pid_r // NCK) % NSEG
     cc = (pid_r % NCK) * BK
@@ -436,7 +436,7 @@ def conv_backward(grad_output: Tensor, input: Tensor, weight: Tensor, offset: Te
         rows_per_split = triton.cdiv(triton.cdiv(geo.NL, splits), BM) * BM
         splits = triton.cdiv(geo.NL, rows_per_split)
         part = torch.zeros((splits,) + tuple(weight.shape), dtype=ct, device=dev)
-        _dcn_bwd_weight_kernel[(geo.G * NBN, geo.K * (geo.Cg // geo.S) * NCK, splits)](
+        _dcn_bwd_weight_kernel[(geo.K * (geo.Cg // geo.S) * NCK, geo.G * NBN, splits)](
             x, off, msk, go, part, *geo.args(), geo.S, geo.Cg // geo.S, NBN, NCK, rows_per_split, **common,
         )
         gw = part.sum(dim=0) if splits > 1 else part[0]
