@@ -28,7 +28,7 @@ from torch import Tensor
 
 from dcnv2.ops.triton import interpreting
 
-GEO = 8  # per-RoI geometry row: start_h, start_w, roi_h, roi_w, bin_h, bin_w, count, batch index
+GEO = 9  # per-RoI geometry row: start_h, start_w, roi_h, roi_w, bin_h, bin_w, count, batch index, gamma
 WALK_WHOLE = 64  # grids up to this many samples per axis are walked whole (as the CPU kernel)
 
 
@@ -38,7 +38,8 @@ def _range(origin, bin_size, g, size, WALK: tl.constexpr):
     step = bin_size / tl.maximum(g, 1)
     a = (-1.0 - origin) / step - 2.5
     b = (size - origin) / step + 2.0
-    finite = (a == a) & (b == b) & (tl.abs(a) < float("inf")) & (tl.abs(b) < float("inf")) & ((tl.zeros_like(a) + step) > 0)
+    finite = (a == a) & (b == b) & (tl.abs(a) < float("inf")) & (tl.abs(b) < float("inf"))
+    finite = finite & ((tl.zeros_like(a) + step) > 0)
     gf = g.to(a.dtype)
     lo = tl.where(a > 0, tl.minimum(tl.where(finite, a, 0.0), gf), 0.0).to(tl.int64)
     hi = tl.where(b > 0, tl.minimum(tl.where(finite, b, 0.0), gf), 0.0).to(tl.int64)
@@ -84,10 +85,10 @@ def _corners(y, x, H, W):
 
 
 @triton.jit
-def _bin_setup(geo_ptr, grid_ptr, off_ptr, k, bins, bmask, PW, PP, gamma, H, W,
+def _bin_setup(geo_ptr, grid_ptr, off_ptr, k, bins, bmask, PW, PP, H, W,
                HAS_OFF: tl.constexpr, CDT: tl.constexpr, WALK: tl.constexpr):
     """Per-RoI geometry and per-bin origins and sample ranges of RoI k's bins ([BB])."""
-    g = geo_ptr + k * 8
+    g = geo_ptr + k * 9
     start_h = tl.load(g + 0)
     start_w = tl.load(g + 1)
     roi_h = tl.load(g + 2)
@@ -96,6 +97,7 @@ def _bin_setup(geo_ptr, grid_ptr, off_ptr, k, bins, bmask, PW, PP, gamma, H, W,
     bin_w = tl.load(g + 5)
     count = tl.load(g + 6)
     b = tl.load(g + 7).to(tl.int64)
+    gamma = tl.load(g + 8)  # in the compute dtype (a float argument would be float32)
     gh = tl.load(grid_ptr + k * 2)
     gw = tl.load(grid_ptr + k * 2 + 1)
     i = (bins // PW).to(CDT)
@@ -119,7 +121,7 @@ def _bin_setup(geo_ptr, grid_ptr, off_ptr, k, bins, bmask, PW, PP, gamma, H, W,
 
 @triton.jit
 def _roi_fwd_kernel(x_ptr, geo_ptr, grid_ptr, off_ptr, mask_ptr, out_ptr,
-                    C, H, W, PW, PP, gamma,
+                    C, H, W, PW, PP,
                     HAS_OFF: tl.constexpr, HAS_MASK: tl.constexpr, CDT: tl.constexpr,
                     BB: tl.constexpr, BC: tl.constexpr, WALK: tl.constexpr):
     k = tl.program_id(0).to(tl.int64)
@@ -128,7 +130,7 @@ def _roi_fwd_kernel(x_ptr, geo_ptr, grid_ptr, off_ptr, mask_ptr, out_ptr,
     bmask = bins < PP
     cmask = chans < C
     (b, start_h, start_w, bin_h, bin_w, count, gh, gw, sy, sx, i, j,
-     ylo, ny, xlo, nx, ty_end, tx_end) = _bin_setup(geo_ptr, grid_ptr, off_ptr, k, bins, bmask, PW, PP, gamma,
+     ylo, ny, xlo, nx, ty_end, tx_end) = _bin_setup(geo_ptr, grid_ptr, off_ptr, k, bins, bmask, PW, PP,
                                                    H, W, HAS_OFF, CDT, WALK)
     HW = H * W
     cbase = (b * C + chans) * HW  # [BC]
@@ -157,7 +159,7 @@ def _roi_fwd_kernel(x_ptr, geo_ptr, grid_ptr, off_ptr, mask_ptr, out_ptr,
 
 @triton.jit
 def _roi_bwd_bins(x_ptr, go_ptr, gin_ptr, part_ptr, geo_ptr, grid_ptr, off_ptr, mask_ptr,
-                  k, bins, chans, cblock, K, C, H, W, PW, PP, gamma,
+                  k, bins, chans, cblock, K, C, H, W, PW, PP,
                   HAS_OFF: tl.constexpr, HAS_MASK: tl.constexpr, NEED_POS: tl.constexpr,
                   ATOMIC: tl.constexpr, CDT: tl.constexpr, WALK: tl.constexpr):
     """Backward of RoI k's bins ([BB]) over channels ``chans`` ([BC]): scatters into grad_input and
@@ -165,7 +167,7 @@ def _roi_bwd_bins(x_ptr, go_ptr, gin_ptr, part_ptr, geo_ptr, grid_ptr, off_ptr, 
     bmask = bins < PP
     cmask = chans < C
     (b, start_h, start_w, bin_h, bin_w, count, gh, gw, sy, sx, i, j,
-     ylo, ny, xlo, nx, ty_end, tx_end) = _bin_setup(geo_ptr, grid_ptr, off_ptr, k, bins, bmask, PW, PP, gamma,
+     ylo, ny, xlo, nx, ty_end, tx_end) = _bin_setup(geo_ptr, grid_ptr, off_ptr, k, bins, bmask, PW, PP,
                                                    H, W, HAS_OFF, CDT, WALK)
     HW = H * W
     cbase = (b * C + chans) * HW
@@ -220,7 +222,7 @@ def _roi_bwd_bins(x_ptr, go_ptr, gin_ptr, part_ptr, geo_ptr, grid_ptr, off_ptr, 
 
 @triton.jit
 def _roi_bwd_atomic_kernel(x_ptr, go_ptr, gin_ptr, part_ptr, geo_ptr, grid_ptr, off_ptr, mask_ptr,
-                           K, C, H, W, PW, PP, gamma,
+                           K, C, H, W, PW, PP,
                            HAS_OFF: tl.constexpr, HAS_MASK: tl.constexpr, NEED_POS: tl.constexpr,
                            CDT: tl.constexpr, BB: tl.constexpr, BC: tl.constexpr, WALK: tl.constexpr):
     k = tl.program_id(0).to(tl.int64)
@@ -228,13 +230,13 @@ def _roi_bwd_atomic_kernel(x_ptr, go_ptr, gin_ptr, part_ptr, geo_ptr, grid_ptr, 
     cblock = tl.program_id(2).to(tl.int64)
     chans = cblock * BC + tl.arange(0, BC)
     _roi_bwd_bins(x_ptr, go_ptr, gin_ptr, part_ptr, geo_ptr, grid_ptr, off_ptr, mask_ptr,
-                  k, bins, chans, cblock, K, C, H, W, PW, PP, gamma,
+                  k, bins, chans, cblock, K, C, H, W, PW, PP,
                   HAS_OFF, HAS_MASK, NEED_POS, True, CDT, WALK)
 
 
 @triton.jit
 def _roi_bwd_ordered_kernel(x_ptr, go_ptr, gin_ptr, part_ptr, geo_ptr, grid_ptr, off_ptr, mask_ptr,
-                            order_ptr, start_ptr, K, C, H, W, PW, PP, gamma,
+                            order_ptr, start_ptr, K, C, H, W, PW, PP,
                             HAS_OFF: tl.constexpr, HAS_MASK: tl.constexpr, NEED_POS: tl.constexpr,
                             CDT: tl.constexpr, BC: tl.constexpr, WALK: tl.constexpr):
     n = tl.program_id(0).to(tl.int64)
@@ -247,7 +249,7 @@ def _roi_bwd_ordered_kernel(x_ptr, go_ptr, gin_ptr, part_ptr, geo_ptr, grid_ptr,
         for bin in range(0, PP):  # one bin at a time: a bin's samples may share pixels with the next
             bins = bin + tl.arange(0, 1).to(tl.int64)
             _roi_bwd_bins(x_ptr, go_ptr, gin_ptr, part_ptr, geo_ptr, grid_ptr, off_ptr, mask_ptr,
-                          k, bins, chans, cblock, K, C, H, W, PW, PP, gamma,
+                          k, bins, chans, cblock, K, C, H, W, PW, PP,
                           HAS_OFF, HAS_MASK, NEED_POS, False, CDT, WALK)
 
 
@@ -260,11 +262,12 @@ def _tl_dtype(dtype: torch.dtype):
 
 
 def roi_geometry(rois: Tensor, pooled_height: int, pooled_width: int, spatial_scale: float,
-                 sampling_ratio: int, aligned: bool, dtype: torch.dtype) -> Tuple[Tensor, Tensor]:
+                 sampling_ratio: int, aligned: bool, dtype: torch.dtype,
+                 gamma: float = 0.0) -> Tuple[Tensor, Tensor]:
     """Per-RoI geometry, computed in the CPU kernel's operation order.
 
     Returns:
-        geo: Tensor[K, 8] (start_h, start_w, roi_h, roi_w, bin_h, bin_w, count, batch index) in
+        geo: Tensor[K, 9] (start_h, start_w, roi_h, roi_w, bin_h, bin_w, count, batch index, gamma) in
             ``dtype``; grid: Tensor[K, 2] int64 samples per bin along y and x (>= 0).
     """
     r = rois.to(dtype)
@@ -288,7 +291,8 @@ def roi_geometry(rois: Tensor, pooled_height: int, pooled_width: int, spatial_sc
         gw = torch.ceil((roi_w / pooled_width).double()).nan_to_num(0.0).clamp(-cap, cap)
     count = (gh * gw).clamp(min=1.0).to(dtype)
     grid = torch.stack([gh.clamp(min=0), gw.clamp(min=0)], 1).to(torch.int64).contiguous()
-    geo = torch.stack([start_h, start_w, roi_h, roi_w, bin_h, bin_w, count, r[:, 0]], 1).contiguous()
+    geo = torch.stack([start_h, start_w, roi_h, roi_w, bin_h, bin_w, count, r[:, 0],
+                       torch.full_like(count, gamma)], 1).contiguous()
     return geo, grid
 
 
@@ -314,14 +318,14 @@ def roi_pool_forward(input: Tensor, rois: Tensor, offset: Optional[Tensor], mask
     ct = _compute_dtype(input.dtype)
     if H == 0 or W == 0:
         return out.zero_()
-    geo, grid = roi_geometry(rois, pooled_height, pooled_width, spatial_scale, sampling_ratio, aligned, ct)
+    geo, grid = roi_geometry(rois, pooled_height, pooled_width, spatial_scale, sampling_ratio, aligned, ct, gamma)
     x = input.contiguous()
     off, msk = _opt(offset, ct), _opt(mask, ct)
     BB, BC = _blocks(C, PP)
     launch = (K, triton.cdiv(PP, BB), triton.cdiv(C, BC))
     _roi_fwd_kernel[launch](
         x, geo, grid, off if off is not None else geo, msk if msk is not None else geo, out,
-        C, H, W, pooled_width, PP, float(gamma),
+        C, H, W, pooled_width, PP,
         HAS_OFF=off is not None, HAS_MASK=msk is not None, CDT=_tl_dtype(ct), BB=BB, BC=BC, WALK=WALK_WHOLE,
     )
     return out
@@ -347,7 +351,7 @@ def roi_pool_backward(grad_output: Tensor, input: Tensor, rois: Tensor, offset: 
     gmask = torch.zeros((K, 1, PP), dtype=ct, device=input.device) if mask is not None else None
     need_pos = offset is not None or mask is not None
     if K > 0 and C > 0 and H > 0 and W > 0:
-        geo, grid = roi_geometry(rois, pooled_height, pooled_width, spatial_scale, sampling_ratio, aligned, ct)
+        geo, grid = roi_geometry(rois, pooled_height, pooled_width, spatial_scale, sampling_ratio, aligned, ct, gamma)
         x = input.contiguous()
         go = grad_output.contiguous()
         off, msk = _opt(offset, ct), _opt(mask, ct)
@@ -365,12 +369,12 @@ def roi_pool_backward(grad_output: Tensor, input: Tensor, rois: Tensor, offset: 
             starts[1:] = torch.cumsum(torch.bincount(batch, minlength=N), 0)
             _roi_bwd_ordered_kernel[(N, NCB)](
                 x, go, gin, part, geo, grid, off_arg, msk_arg, order, starts,
-                K, C, H, W, pooled_width, PP, float(gamma), BC=BC, num_stages=1, **common,
+                K, C, H, W, pooled_width, PP, BC=BC, num_stages=1, **common,
             )
         else:
             _roi_bwd_atomic_kernel[(K, triton.cdiv(PP, BB), NCB)](
                 x, go, gin, part, geo, grid, off_arg, msk_arg,
-                K, C, H, W, pooled_width, PP, float(gamma), BB=BB, BC=BC, **common,
+                K, C, H, W, pooled_width, PP, BB=BB, BC=BC, **common,
             )
         if need_pos:
             sums = part.sum(dim=0)  # [K, PP, 3], channel blocks reduced in block order
