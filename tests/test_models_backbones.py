@@ -172,7 +172,8 @@ def test_torchvision_weights_enum_path(monkeypatch):
 
 def test_presets_are_the_table_1_rows():
     assert list(PRESETS) == ["regular-roipool", "regular", "dcnv1", "dconv-c5", "dconv-c4c5", "dconv-c3c5",
-                             "dconv-c3c5-dpool", "mdconv-c3c5-mdpool"]
+                             "dconv-c3c5-dpool", "mdconv-c3c5-mdpool",
+                             "regular-mimic", "dcnv2", "dcnv2-fgbg", "dcnv2-bg"]  # + Table 3's mimicking
     p = PRESETS["dcnv1"]
     assert p.deform_stages == ("c5",) and not p.modulated and p.box_pool == p.mask_pool == "dpool"
     p = PRESETS["mdconv-c3c5-mdpool"]
