@@ -65,6 +65,7 @@ def test_mimic_loss_is_zero_for_identical_two_for_opposite_features():
     f = torch.randn(5, 16, dtype=torch.float64)
     assert mimic_loss(f, f.clone()).item() == pytest.approx(0.0, abs=1e-6)
     assert mimic_loss(f, -f).item() == pytest.approx(2.0, abs=1e-6)
+    assert mimic_loss(f, -f, "sum").item() == pytest.approx(10.0, abs=1e-5)    # the paper's sum over Ω
     assert mimic_loss(f, 3 * f).item() == pytest.approx(0.0, abs=1e-6)      # cosine: scale does not matter
     orth = torch.tensor([[1.0, 0.0]]), torch.tensor([[0.0, 2.0]])
     assert mimic_loss(*orth).item() == pytest.approx(1.0)
@@ -97,11 +98,11 @@ def test_region_sets_pick_the_right_rois_and_cap_the_count():
 
 def test_config_checks_and_overrides():
     assert MimicConfig().to_dict() == dict(regions="fg", rois_per_image=32, patch_size=224, mimic_weight=0.1,
-                                           cls_weight=0.1, level=None)
+                                           cls_weight=0.1, level=None, reduction="image")
     cfg = MimicConfig.resolve("fg+bg", {"patch_size": 64})
     assert cfg.regions == "fg+bg" and cfg.patch_size == 64 and cfg.rois_per_image == 32
     assert not MimicConfig.resolve("none", None).enabled
-    for bad in (dict(regions="all"), dict(rois_per_image=0), dict(patch_size=2.5), dict(mimic_weight=float("nan")),
+    for bad in (dict(reduction="sum"), dict(regions="all"), dict(rois_per_image=0), dict(patch_size=2.5), dict(mimic_weight=float("nan")),
                 dict(cls_weight=-1.0)):
         with pytest.raises(ValueError):
             MimicConfig(**bad)
@@ -166,6 +167,25 @@ def test_no_positive_roi_gives_a_zero_loss_with_a_graph():
         assert losses[k].item() == 0.0 and losses[k].requires_grad and torch.isfinite(losses[k])
     sum(losses.values()).backward()
     assert torch.isfinite(model.mimic.rcnn_classifier.weight.grad).all()
+
+
+def test_reduction_sums_over_each_image_and_averages_over_images():
+    # the same step twice (same RNG): "image" = sum over Ω / images, "roi" = mean over Ω
+    losses, counts = {}, []
+    for reduction in ("image", "roi"):
+        model = build("dcnv2", mimic=dict(SMALL_MIMIC, reduction=reduction))
+        forward = model.roi_heads.select_training_samples
+        model.train()
+        torch.manual_seed(3)
+        losses[reduction] = model(*batch())["loss_mimic"].item()
+        if reduction == "roi":
+            torch.manual_seed(3)
+            model.roi_heads.select_training_samples = lambda *a: (lambda out: counts.append(
+                sum(min(int((l > 0).sum()), 4) for l in out[2])) or out)(forward(*a))
+            model(*batch())
+    images = len(batch()[0])
+    assert counts[0] > 0
+    assert losses["image"] == pytest.approx(losses["roi"] * counts[0] / images, rel=1e-4)
 
 
 def test_weights_and_patch_settings_are_applied():

@@ -44,6 +44,8 @@ def add_parser(sub) -> None:
                    help="weight of the R-CNN classifier's cross-entropy (paper: 0.1)")
     g.add_argument("--mimic-level", default=None,
                    help="FPN: pool the whole patch from this feature map (e.g. 2 = P4) instead of the level mapping")
+    g.add_argument("--mimic-reduction", choices=["image", "roi"], default=None,
+                   help="image: the paper's sum over each image's RoIs (averaged over images); roi: mean over RoIs")
     g = p.add_argument_group("data")
     g.add_argument("--data", required=True, help="data set root: DIR/annotations/instances_SPLIT.json + DIR/SPLIT/")
     g.add_argument("--split", default="train")
@@ -127,7 +129,8 @@ def run(args) -> int:
 def mimic_options(args) -> dict:
     """The feature-mimicking settings given on the command line (the rest stay the preset's)."""
     given = {"regions": args.mimic_regions, "rois_per_image": args.mimic_rois, "patch_size": args.mimic_patch_size,
-             "mimic_weight": args.mimic_weight, "cls_weight": args.rcnn_cls_weight, "level": args.mimic_level}
+             "mimic_weight": args.mimic_weight, "cls_weight": args.rcnn_cls_weight, "level": args.mimic_level,
+             "reduction": args.mimic_reduction}
     return {k: v for k, v in given.items() if v is not None}
 
 

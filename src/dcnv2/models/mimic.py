@@ -7,8 +7,9 @@ image), the branch crops each RoI's patch from the normalised, resized input bat
 **shared** box RoI pooling (deformable or not) and feeds the **shared** 2fc box head: ``f_RCNN``. Against the
 Fast R-CNN 2fc feature of the same RoIs, ``f_FRCNN``:
 
-* ``loss_mimic = mimic_weight * mean_b (1 - cos(f_RCNN(b), f_FRCNN(b)))`` — the paper's sum over Ω,
-  divided by |Ω| so that the weight does not grow with the RoI count (0 for identical, 2 for opposite features);
+* ``loss_mimic = mimic_weight * sum_{b in Ω} (1 - cos(f_RCNN(b), f_FRCNN(b)))`` — the paper's sum over an
+  image's Ω, averaged over the images of the batch like the detector's other losses (``reduction="image"``);
+  ``reduction="roi"`` averages over the RoIs instead, which makes the weight independent of the RoI count;
 * ``loss_rcnn_cls = cls_weight * cross_entropy(rcnn_classifier(f_RCNN), label)`` — an **unshared**
   (C+1)-way classifier.
 
@@ -49,6 +50,8 @@ class MimicConfig:
         cls_weight: weight of the R-CNN classifier's cross-entropy (0.1).
         level: FPN detectors only: the feature map the whole patch is pooled from (e.g. ``"2"`` for P4);
             None picks it with the box pooling's usual level mapping.
+        reduction: ``"image"``: the paper's sum of ``1 - cos`` over an image's RoIs, averaged over the images;
+            ``"roi"``: the mean over all mimicked RoIs.
     """
 
     regions: str = "fg"
@@ -57,8 +60,11 @@ class MimicConfig:
     mimic_weight: float = 0.1
     cls_weight: float = 0.1
     level: Optional[str] = None
+    reduction: str = "image"
 
     def __post_init__(self) -> None:
+        if self.reduction not in ("image", "roi"):
+            raise ValueError(f"MimicConfig.reduction must be 'image' or 'roi', got {self.reduction!r}")
         if self.regions not in MIMIC_REGIONS:
             raise ValueError(f"MimicConfig.regions must be one of {MIMIC_REGIONS}, got {self.regions!r}")
         for name in ("rois_per_image", "patch_size"):
@@ -126,19 +132,22 @@ def crop_patches(images: Tensor, boxes: Tensor, batch_index: Tensor, patch_size:
                      aligned=True).to(images.dtype)
 
 
-def mimic_loss(f_rcnn: Tensor, f_frcnn: Tensor) -> Tensor:
-    """Mean over RoIs of ``1 - cos(f_rcnn, f_frcnn)``: 0 for parallel features, 2 for opposite ones.
+def mimic_loss(f_rcnn: Tensor, f_frcnn: Tensor, reduction: str = "mean") -> Tensor:
+    """``1 - cos(f_rcnn, f_frcnn)`` per RoI (0 for parallel features, 2 for opposite ones), reduced.
 
     Args:
         f_rcnn, f_frcnn: Tensor[K, D]. With K = 0 the result is a zero connected to both inputs' graphs.
+        reduction: ``"mean"`` or ``"sum"`` over the K RoIs.
     """
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
     if f_rcnn.shape != f_frcnn.shape:
         raise ValueError(f"f_rcnn and f_frcnn must have the same shape, got {tuple(f_rcnn.shape)} and "
                          f"{tuple(f_frcnn.shape)}")
     if f_rcnn.shape[0] == 0:
         return (f_rcnn.sum() + f_frcnn.sum()) * 0.0
     cos = F.cosine_similarity(f_rcnn.float(), f_frcnn.float(), dim=1, eps=1e-6)
-    return (1.0 - cos).mean()
+    return (1.0 - cos).mean() if reduction == "mean" else (1.0 - cos).sum()
 
 
 def select_mimic_rois(proposals: List[Tensor], labels: List[Tensor], regions: str,
@@ -270,12 +279,17 @@ class FeatureMimicking(nn.Module):
         f_rcnn = heads.box_head(pooled)
         loss_cls = F.cross_entropy(self.rcnn_classifier(f_rcnn.to(self.rcnn_classifier.weight.dtype)).float(),
                                    flat_labels)
-        return {"loss_mimic": cfg.mimic_weight * mimic_loss(f_rcnn, f_frcnn), "loss_rcnn_cls": cfg.cls_weight * loss_cls}
+        if cfg.reduction == "image":  # the paper's sum over each image's Ω, averaged over the batch
+            loss = mimic_loss(f_rcnn, f_frcnn, "sum") / len(boxes)
+        else:
+            loss = mimic_loss(f_rcnn, f_frcnn, "mean")
+        return {"loss_mimic": cfg.mimic_weight * loss, "loss_rcnn_cls": cfg.cls_weight * loss_cls}
 
     def extra_repr(self) -> str:
         c = self.config
         return (f"regions={c.regions!r}, rois_per_image={c.rois_per_image}, patch_size={c.patch_size}, "
-                f"mimic_weight={c.mimic_weight}, cls_weight={c.cls_weight}, level={c.level!r}")
+                f"mimic_weight={c.mimic_weight}, cls_weight={c.cls_weight}, level={c.level!r}, "
+                f"reduction={c.reduction!r}")
 
 
 def strip_mimicking(model: nn.Module) -> nn.Module:
