@@ -95,3 +95,31 @@ def test_torchrun_two_processes_with_mimicking(tmp_path):
     w0, w1 = (torch.load(out / f"weights_rank{r}.pt") for r in (0, 1))
     assert torch.equal(w0, w1)
     assert all("loss_mimic" in r for r in _log(out)) and len(_log(out)) == 2
+
+
+def test_cli_train_with_mimicking_then_eval(tmp_path, capsys):
+    from dcnv2.cli import build_parser, main
+    from dcnv2.commands.train import mimic_options
+    from dcnv2.data import synthetic
+
+    args = build_parser().parse_args(["train", "--data", "d", "--out", "o", "--mimic-regions", "fg+bg",
+                                      "--mimic-rois", "16", "--mimic-patch-size", "96", "--mimic-weight", "0.2",
+                                      "--rcnn-cls-weight", "0.3", "--mimic-level", "1", "--mimic-reduction", "roi"])
+    assert mimic_options(args) == dict(regions="fg+bg", rois_per_image=16, patch_size=96, mimic_weight=0.2,
+                                       cls_weight=0.3, level="1", reduction="roi")
+    assert mimic_options(build_parser().parse_args(["train", "--data", "d", "--out", "o"])) == {}
+
+    data = tmp_path / "synth"
+    synthetic.generate(data, seed=1, num_train=4, num_val=2, image_size=64)
+    run = tmp_path / "run"
+    argv = ["train", "--data", str(data), "--out", str(run), "--preset", "dcnv2", "--backbone", "resnet18", "--fpn",
+            "--min-size", "64", "--max-size", "64", "--max-iters", "1", "--batch-size", "2", "--warmup-iters", "1",
+            "--lr-steps", "--workers", "0", "--no-progress", "--mimic-patch-size", "32", "--mimic-rois", "2",
+            "--model-arg", "rpn_post_nms_top_n_train=100", "--model-arg", "box_batch_size_per_image=32"]
+    assert main(argv) == 0, capsys.readouterr().err
+    assert {"loss_mimic", "loss_rcnn_cls"} <= set(_log(run)[0])
+    spec = json.loads((run / "config.json").read_text())["model"]
+    assert spec["preset"] == "dcnv2" and spec["kwargs"]["mimic"] == {"patch_size": 32, "rois_per_image": 2}
+    for ckpt in ("checkpoint_last.pth", "model_final.pth"):
+        assert main(["eval", "--checkpoint", str(run / ckpt), "--data", str(data), "--out", str(tmp_path / ckpt),
+                     "--no-progress"]) == 0, capsys.readouterr().err
