@@ -21,7 +21,7 @@ def trained(tmp_path, monkeypatch):
     model = tiny_detector(masks=True)
     train(model, data, TrainConfig(out=str(tmp_path / "run"), max_iters=4, batch_size=2, warmup_iters=1, lr_steps=(),
                                    num_workers=0, progress=False), model_spec=spec)
-    monkeypatch.setattr(predict_mod, "build_model", lambda s: tiny_detector(masks=s.has_masks, seed=99))
+    monkeypatch.setattr(predict_mod, "build_model", lambda s, inference=False: tiny_detector(masks=s.has_masks, seed=99))
     return tmp_path / "run", model, data
 
 
