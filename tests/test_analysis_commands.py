@@ -45,7 +45,8 @@ def setup(tmp_path_factory):
     return root, ckpts
 
 
-FAST = ["--n-segments", "12", "--area-step", "0.05", "--greedy", "lazy", "--threads", "2"]
+# small settings: a 64-px image needs few superpixels and coarse rectangle steps
+FAST = ["--n-segments", "8", "--area-step", "0.1", "--greedy", "lazy", "--batch-size", "8", "--threads", "2"]
 
 
 def test_figure_command_picks_nodes_and_draws(setup, capsys):
@@ -130,3 +131,19 @@ def test_mimicking_branch_is_dropped(setup, tmp_path):
     assert not any(k.startswith("mimic.") for k in model.state_dict())
     for (k, a), b in zip(ref.state_dict().items(), model.state_dict().values()):
         assert torch.equal(a, b), k
+
+
+def test_demo_figure_of_trained_models(setup, monkeypatch, capsys):
+    root, ckpts = setup
+    from dcnv2 import data
+    from dcnv2.analysis import report
+
+    monkeypatch.setattr(report, "DEMO_OPTIONS", dict(n_segments=8, area_step=0.1, greedy="lazy"))
+    val = data.load_split(root / "data", "val", with_masks=True)
+    idx = report.pick_demo_image(val)
+    boxes = val[idx][1]["boxes"]
+    assert 0 <= idx < len(val) and len(boxes) >= 1
+    path, seconds = report.demo_figure({"regular": ckpts["regular"], "dcnv2": ckpts["mdconv-c3c5-mdpool"]}, val,
+                                       root / "demo_analysis.png")
+    assert path.is_file() and path.stat().st_size > 1000 and seconds > 0
+    assert "spatial-support analysis" in capsys.readouterr().out

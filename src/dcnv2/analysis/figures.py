@@ -63,7 +63,7 @@ class AnalysisOptions:
     n_segments: int = 100
     compactness: float = 10.0
     fill: Union[str, float] = "mean"
-    batch_size: int = 16
+    batch_size: int = 8
     saliency: bool = True
     refine: bool = True
     greedy: str = "exact"

@@ -119,7 +119,8 @@ class _Evaluator:
             chunk = masks[start:start + self.batch_size]
             keep = torch.ones(len(chunk), 1, *self.x.shape[-2:], dtype=self.x.dtype, device=self.x.device)
             keep[:, 0, :h, :w] = torch.from_numpy(np.stack(chunk)).to(keep)
-            batch = self.x * keep + self.fill * (1 - keep)
+            # channels-last: oneDNN's faster convolution layout on CPU (same values)
+            batch = (self.x * keep + self.fill * (1 - keep)).contiguous(memory_format=torch.channels_last)
             out.append(masked_error(self.reference, self.response(batch)).cpu().numpy())
             self.forwards += len(chunk)
         return np.concatenate(out) if out else np.zeros(0)
@@ -129,7 +130,7 @@ def saliency_region(response: Callable[[Tensor], Tensor], x: Tensor, *, size: Tu
                     center: Tuple[float, float], aspect: float = 1.0, eps: float = 0.1, area_step: float = 0.01,
                     segments: Optional[np.ndarray] = None, rgb: Optional[Tensor] = None, n_segments: int = 100,
                     compactness: float = 10.0, fill: Union[Tensor, float] = 0.0, fill_name: Union[str, float] = "mean",
-                    batch_size: int = 16, refine: bool = True, greedy: str = "exact") -> SaliencyResult:
+                    batch_size: int = 8, refine: bool = True, greedy: str = "exact") -> SaliencyResult:
     """The error-bounded saliency region of a node.
 
     Args:

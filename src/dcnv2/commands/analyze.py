@@ -39,9 +39,9 @@ def _common(p) -> None:
     p.add_argument("--checkpoint", action="append", required=True,
                    help="a `dcnv2 train` checkpoint (model_final.pth / checkpoint_last.pth); repeat for several models")
     p.add_argument("--name", action="append", default=None,
-                   help="a display name per --checkpoint, in order (default: the run folder's name)")
-    p.add_argument("--layer", default=None, help="trunk layer of image-wise nodes (default: layer4, last of conv5)")
-    p.add_argument("--channel", type=int, default=None, help="one channel of the node's response (default: all)")
+                   help="a display name per --checkpoint, in order; none: the run folder's name")
+    p.add_argument("--layer", default=None, help="trunk layer of image-wise nodes; none: layer4, the last of conv5")
+    p.add_argument("--channel", type=int, default=None, help="one channel of the node's response; none: the whole vector")
     p.add_argument("--eps", type=float, default=0.1, help="saliency error bound: 1 - cos < eps (paper: 0.1)")
     p.add_argument("--area-step", type=float, default=0.01,
                    help="saliency step 1: area increment of the centred rectangle, a fraction of the image")
@@ -50,12 +50,15 @@ def _common(p) -> None:
     p.add_argument("--fill", default="mean",
                    help="value of masked pixels: 'mean' (0 after normalisation: the mean colour), 'zero' (black), "
                         "or a number (after normalisation)")
-    p.add_argument("--greedy", choices=("exact", "lazy"), default="exact",
-                   help="saliency step 2: 'exact' tries every superpixel each round (the paper's); 'lazy' re-tries "
-                        "only the --batch-size most removable ones (faster)")
-    p.add_argument("--batch-size", type=int, default=16, help="masked images per forward pass")
+    p.add_argument("--greedy", choices=("exact", "lazy"), default="lazy",
+                   help="saliency step 2: 'exact' tries every superpixel left in the region each round (the "
+                        "paper's search, several times slower); 'lazy' re-tries only the --batch-size superpixels "
+                        "that were cheapest to remove last round")
+    p.add_argument("--batch-size", type=int, default=8, help="masked images per forward pass")
+    p.add_argument("--no-refine", action="store_true",
+                   help="saliency step 1 only: the centred rectangle, without removing superpixels (fast)")
     p.add_argument("--no-saliency", action="store_true", help="skip the saliency regions (the slow part)")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads; none: torch's default")
     p.add_argument("--device", default="cpu")
 
 
@@ -114,7 +117,7 @@ def _options(args):
     return AnalysisOptions(layer=args.layer, num_layers=getattr(args, "num_layers", 3), channel=args.channel,
                            eps=args.eps, area_step=args.area_step, n_segments=args.n_segments,
                            compactness=args.compactness, fill=fill, batch_size=args.batch_size,
-                           saliency=not args.no_saliency, greedy=args.greedy)
+                           saliency=not args.no_saliency, refine=not args.no_refine, greedy=args.greedy)
 
 
 def _models(args):
