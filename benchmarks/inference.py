@@ -197,14 +197,52 @@ def ap_table(checkpoint: str, data: str, images: int) -> List[str]:
     runners = {"eager fp32": model, "eager bf16 (autocast)": Bfloat16Detector(model),
                "ONNX Runtime fp32": OnnxDetector(session, model.transform)}
     lines = [f"AP on {len(val)} synthetic validation images ({spec.preset}, {checkpoint}):",
-             "| variant | AP | AP50 | AP75 | s / image |", "|---|---|---|---|---|"]
+             "| variant | AP | AP50 | AP75 | s / image | fp32 detections (score >= 0.05) found again |",
+             "|---|---|---|---|---|---|"]
+    reference = None
     for name, runner in runners.items():
         t0 = time.perf_counter()
-        m = evaluate(runner, val, progress=False)["metrics"]["bbox"]
+        result = evaluate(runner, val, progress=False)
+        m = result["metrics"]["bbox"]
         dt = (time.perf_counter() - t0) / len(val)
-        lines.append(f"| {name} | {100 * m['AP']:.1f} | {100 * m['AP50']:.1f} | {100 * m['AP75']:.1f} | {dt:.3f} |")
+        reference = reference or result["results"]
+        agree = agreement(reference, result["results"])
+        lines.append(f"| {name} | {100 * m['AP']:.1f} | {100 * m['AP50']:.1f} | {100 * m['AP75']:.1f} | {dt:.3f} "
+                     f"| {agree} |")
         print(lines[-1], flush=True)
     return lines
+
+
+def agreement(reference, results, min_score: float = 0.05, min_iou: float = 0.9) -> str:
+    """Share of the reference's detections (COCO results) that ``results`` repeats: same image and category,
+    IoU >= ``min_iou``; and the largest score difference among those. Independent of how good the model is."""
+    from torchvision.ops import box_iou
+
+    def by_image(res):
+        out = {}
+        for r in res:
+            out.setdefault((r["image_id"], r["category_id"]), []).append(r)
+        return out
+
+    def xyxy(rs):
+        return torch.tensor([[r["bbox"][0], r["bbox"][1], r["bbox"][0] + r["bbox"][2], r["bbox"][1] + r["bbox"][3]]
+                             for r in rs]).reshape(-1, 4)
+
+    ref, other = by_image([r for r in reference if r["score"] >= min_score]), by_image(results)
+    total = found = 0
+    score_diff = 0.0
+    for key, rs in ref.items():
+        total += len(rs)
+        cand = other.get(key, [])
+        if not cand:
+            continue
+        iou = box_iou(xyxy(rs), xyxy(cand))
+        best, idx = iou.max(dim=1)
+        for r, b, j in zip(rs, best.tolist(), idx.tolist()):
+            if b >= min_iou:
+                found += 1
+                score_diff = max(score_diff, abs(r["score"] - cand[j]["score"]))
+    return f"{found}/{total} ({100 * found / max(total, 1):.1f}%), max score diff {score_diff:.3f}"
 
 
 def main(argv=None) -> int:
