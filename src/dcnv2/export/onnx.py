@@ -94,6 +94,10 @@ def export_onnx(
     """
     onnx_ops.check_opset(opset)
     onnx_ops.register()
+    devices = {p.device.type for p in model.parameters()}
+    if devices - {"cpu"}:
+        raise ValueError(f"export_onnx traces on CPU (where deform_conv2d maps to DeformConv); the model is on "
+                         f"{sorted(devices)}: call model.cpu() first")
     if is_detector(model):
         wrapped = model if isinstance(model, ExportableDetector) else ExportableDetector(model)
         if example_inputs is None:
