@@ -339,6 +339,13 @@ def _types(dtype: torch.dtype):
     return torch.float32, tl.float32, "ieee", dot
 
 
+def _stages(dtype: torch.dtype) -> int:
+    """Software-pipelining depth. Compiled ahead of time for sm_80/sm_90 (no GPU needed), the
+    default 3 stages buffer the four corner gathers and take up to 180 KB of shared memory (float64)
+    or 108 KB (float32), more than many GPUs have; 2 stages (1 for float64) stay under 64 KB."""
+    return 1 if dtype == torch.float64 else 2
+
+
 def _blocks(geo: _Geometry) -> Tuple[int, int, int]:
     """(BM, BN, BK): rows, output channels, reduction channels per tile (tl.dot needs >= 16)."""
     np2 = triton.next_power_of_2
@@ -373,6 +380,7 @@ def conv_forward(input: Tensor, weight: Tensor, offset: Tensor, mask: Optional[T
     _dcn_fwd_kernel[(triton.cdiv(geo.NL, BM), geo.G * NBN)](
         x, w, off, msk, b, out, *geo.args(), geo.S, geo.Cg // geo.S, NBN,
         HAS_MASK=mask is not None, HAS_BIAS=bias is not None, CDT=CDT, PREC=PREC, DOT=DOT, BM=BM, BN=BN, BK=BK,
+        num_stages=_stages(input.dtype),
     )
     return out
 
@@ -412,7 +420,8 @@ def conv_backward(grad_output: Tensor, input: Tensor, weight: Tensor, offset: Te
         go = grad_output.contiguous()
         msk = mask.contiguous() if mask is not None else off
         gm_arg = gmask if gmask is not None else goff
-        common = dict(HAS_MASK=mask is not None, CDT=CDT, PREC=PREC, DOT=DOT, BM=BM, BN=BN, BK=BK)
+        common = dict(HAS_MASK=mask is not None, CDT=CDT, PREC=PREC, DOT=DOT, BM=BM, BN=BN, BK=BK,
+                      num_stages=_stages(input.dtype))
         nseg_og = geo.Cog // geo.S
         if not deterministic:
             _dcn_bwd_data_kernel[(triton.cdiv(geo.NL, BM), geo.OG)](
