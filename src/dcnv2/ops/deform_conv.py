@@ -175,11 +175,16 @@ if HAS_NATIVE:
     torch.library.register_autograd("dcnv2::deform_conv2d", _backward, setup_context=_setup_context)
 
 
+# devices with an autocast mode (meta and other backends have none: asking raises)
+_AUTOCAST_DEVICES = ("cpu", "cuda", "xpu", "mps", "hpu", "xla")
+
+
 def _autocast_inputs(input, offset, weight, bias, mask):
     """Under autocast, the op runs like a conv in the autocast dtype (bfloat16 / float16, accumulating in
     float32): a float32 weight meets the low-precision activations of a mixed-precision model."""
     device = input.device.type if isinstance(input, Tensor) else "cpu"
-    if not (isinstance(input, Tensor) and input.is_floating_point() and torch.is_autocast_enabled(device)):
+    if device not in _AUTOCAST_DEVICES or not (isinstance(input, Tensor) and input.is_floating_point()
+                                                and torch.is_autocast_enabled(device)):
         return input, offset, weight, bias, mask
     dtype = torch.get_autocast_dtype(device)
 
