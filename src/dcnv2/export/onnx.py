@@ -127,6 +127,7 @@ def export_onnx(
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
         warnings.filterwarnings("ignore", message=".*legacy TorchScript-based ONNX export.*")
         warnings.filterwarnings("ignore", category=DeprecationWarning)
+        warnings.filterwarnings("ignore", category=FutureWarning)  # torchvision's ONNX helpers use torch.jit.script
         warnings.filterwarnings("ignore", message=".*(To copy construct from a tensor|advanced indexing).*")
         with torch.no_grad():
             torch.onnx.export(wrapped, tuple(example_inputs), f, dynamo=False, opset_version=opset,

@@ -69,6 +69,7 @@ def export_program(
             shapes = ({1: h, 2: w},)
         with exportable_nms(), warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)
+            warnings.simplefilter("ignore", FutureWarning)  # torchvision's nms fake kernel: create_unbacked_symint
             return torch.export.export(wrapped, tuple(example_inputs), dynamic_shapes=shapes, strict=False)
     if example_inputs is None:
         raise ValueError(f"example_inputs are required to export a {type(model).__name__} (not a detector)")
