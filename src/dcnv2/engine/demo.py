@@ -123,13 +123,18 @@ def run_demo(args) -> int:
     print("\nCOCO bbox AP on the synthetic validation split (%):\n")
     print(report)
     print(f"\nplots: {out / 'loss_curves.png'}, {out / 'detections.png'}; tables: {out / 'ap_table.md'}")
-    try:  # the analysis figure is a bonus: a failure here must not cost the results above
-        from dcnv2.analysis.report import demo_figure
+    left = budget - (time.perf_counter() - t_start)
+    if left < ANALYSIS_RESERVE_S / 3:
+        print(f"spatial-support analysis figure skipped: {left:.0f} s of the budget left "
+              f"(`dcnv2 analyze figure` draws it from the checkpoints)")
+    else:
+        try:  # the analysis figure is a bonus: a failure here must not cost the results above
+            from dcnv2.analysis.report import demo_figure
 
-        demo_figure({name: Path(r["run_dir"]) / "model_final.pth" for name, r in results.items()}, val_set,
-                    out / "analysis.png")
-    except Exception as exc:  # noqa: BLE001
-        print(f"spatial-support analysis figure skipped: {type(exc).__name__}: {exc}")
+            demo_figure({name: Path(r["run_dir"]) / "model_final.pth" for name, r in results.items()}, val_set,
+                        out / "analysis.png")
+        except Exception as exc:  # noqa: BLE001
+            print(f"spatial-support analysis figure skipped: {type(exc).__name__}: {exc}")
     elapsed = time.perf_counter() - t_start
     last = args.presets[-1]
     ap50 = results[last]["metrics"]["bbox"]["AP50"]
