@@ -98,7 +98,8 @@ def test_focus_command_prints_and_writes_table(setup, capsys):
     out = root / "focus"
     rc = cli.main(["analyze", "focus", "--checkpoint", str(ckpts["regular"]), "--checkpoint",
                    str(ckpts["mdconv-c3c5-mdpool"]), "--data", str(root / "data"), "--split", "val",
-                   "--num-images", "2", "--out", str(out)] + FAST)
+                   "--num-images", "1", "--objects-per-image", "1", "--kinds", "image", "roi",
+                   "--out", str(out)] + FAST)
     assert rc == 0
     text = capsys.readouterr().out
     head = [line for line in text.splitlines() if line.startswith("| model")][0]
@@ -111,7 +112,7 @@ def test_focus_command_prints_and_writes_table(setup, capsys):
     assert [(r["model"], r["kind"]) for r in summary] == [("regular", "image"), ("regular", "roi"),
                                                           ("mdconv-c3c5-mdpool", "image"), ("mdconv-c3c5-mdpool", "roi")]
     for row in summary:
-        assert row["nodes"] == 2  # one object in each of the two images
+        assert row["nodes"] == 1  # one object of the one image
         for key in ("erf_in_box", "erf_in_mask", "sal_area", "sal_iou_box", "sal_iou_mask"):
             assert 0 <= row[key] <= 1, (key, row)
     for rec in report["records"]:
@@ -138,7 +139,8 @@ def test_demo_figure_of_trained_models(setup, monkeypatch, capsys):
     from dcnv2 import data
     from dcnv2.analysis import report
 
-    monkeypatch.setattr(report, "DEMO_OPTIONS", dict(n_segments=8, area_step=0.1, greedy="lazy"))
+    # the saliency search is covered above; here the demo's plumbing (image choice, checkpoints, figure)
+    monkeypatch.setattr(report, "DEMO_OPTIONS", dict(saliency=False))
     val = data.load_split(root / "data", "val", with_masks=True)
     idx = report.pick_demo_image(val)
     boxes = val[idx][1]["boxes"]
