@@ -195,3 +195,32 @@ def test_wrong_node_kinds_are_rejected():
         effective_sampling_locations(RoINode(model, BOX, (32, 32)), torch.randn(1, 3, 32, 32))
     with pytest.raises(ValueError, match="box"):
         RoINode(model, (5, 5, 4, 9), (32, 32))
+
+
+def test_paper_detector_dilated_conv5_and_dpool():
+    """The paper's detector (no FPN, conv5 dilated, stride 16), DCNv1 preset: fresh offsets are zero, so the
+    composed points are the dilated lattice and the bins the RoIAlign grid; the RoI node is rcnn_features."""
+    from dcnv2.analysis import prepare_image, trunk_of
+    from dcnv2.models import faster_rcnn
+
+    torch.manual_seed(0)
+    model = faster_rcnn(preset="dcnv1", backbone="resnet18", fpn=False, num_classes=3, min_size=64, max_size=64,
+                        feature_channels=8, representation_size=16, mdpool_hidden=8).eval()
+    prepared = prepare_image(model, torch.rand(3, 64, 64))
+    x = prepared.tensor
+    node = ImageNode(trunk_of(model), 40.0, 24.0)
+    loc = effective_sampling_locations(node, x)
+    assert node.layer == "layer4" and node.cell == (1, 2)
+    assert loc.layers == ["layer4.0.conv2", "layer4.1.conv1", "layer4.1.conv2"]
+    s = np.arange(-3, 4)
+    assert sorted(set(np.round(loc.points[:, 0], 6))) == list((2 + 2 * s + 0.5) * 16)
+    assert sorted(set(np.round(loc.points[:, 1], 6))) == list((1 + 2 * s + 0.5) * 16)
+    box = (8.0, 10.0, 50.0, 40.0)
+    rnode = RoINode(model, box, prepared.size)
+    bins = effective_bin_locations(rnode, x)
+    assert bins.kind == "DeformRoIPool"
+    np.testing.assert_allclose(bins.centers, _align_grid(box), atol=1e-9)
+    with torch.no_grad():
+        feats = model.backbone(x)
+        expected = model.rcnn_features(feats, [torch.tensor([box])], [prepared.size])
+        assert torch.allclose(rnode.response(x), expected, atol=1e-6)
