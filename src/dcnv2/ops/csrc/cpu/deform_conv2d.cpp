@@ -11,15 +11,28 @@
 // block owns its slice of grad_input), and per-block partials of the offset/mask gradients are
 // reduced in block order: no atomics, and the partition does not depend on the thread count, so two
 // runs are bit-identical.
+//
+// bfloat16 forward (the fast path): offsets, masks and the bilinear interpolation run in float32, the
+// column tile is stored in bfloat16 (rounded to nearest even) and the tile GEMM is oneDNN's bf16
+// matmul with float32 accumulation, so a bf16 layer gains what a dense bf16 convolution gains. The
+// bf16 backward does the same for its column tiles, grad_col and both GEMMs (grad_weight accumulates the
+// tiles' bf16 GEMM results in float32); its scatter pass and all gradient sums run in float32. Half
+// precision computes in float32 throughout and rounds the results.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <cstdlib>
+#include <cstring>
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#endif
 #include <optional>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 namespace dcnv2 {
@@ -28,6 +41,90 @@ namespace {
 constexpr int64_t kColumnBudgetBytes = 4 << 20;  // per column tile
 constexpr int64_t kMinTilePixels = 64;
 constexpr int64_t kChannelBlock = 32;  // backward partition of grad_input
+
+// Element access of the kernels' buffers: float32/float64 as they are, bfloat16 as its raw bits
+// (uint16_t), widened to float32 on load and rounded to nearest even on store (NaN stays NaN). Plain
+// integer code, so the compiler vectorises the loops that use it.
+template <typename T>
+inline T load_val(T v) { return v; }
+inline float load_val(uint16_t b) {
+  const uint32_t u = static_cast<uint32_t>(b) << 16;
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+}
+template <typename D, typename T>
+inline D store_val(T v) { return v; }
+template <>
+inline uint16_t store_val<uint16_t, float>(float v) {
+  uint32_t u;
+  std::memcpy(&u, &v, sizeof u);
+  const uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+  return static_cast<uint16_t>(v != v ? 0x7FC0u : rounded);
+}
+inline uint16_t* bf16_bits(const at::Tensor& t) { return reinterpret_cast<uint16_t*>(t.data_ptr<at::BFloat16>()); }
+
+// dst[q] = w0 s0[q] + w1 s1[q] + w2 s2[q] + w3 s3[q] in T, stored as D: the four-corner bilinear
+// sample of a channel run. bf16 columns get an AVX2 loop of their own (GCC's vectorisation of the
+// rounding and the 32 -> 16 bit narrowing runs at half the float32 speed); the same rounding as
+// store_val, so the tail and the vector lanes agree.
+template <typename T, typename S, typename D>
+inline void bilinear4(D* __restrict__ dst, const S* s0, const S* s1, const S* s2, const S* s3, T w0, T w1,
+                      T w2, T w3, int64_t len) {
+  for (int64_t q = 0; q < len; ++q) {
+    dst[q] = store_val<D, T>(w0 * load_val(s0[q]) + w1 * load_val(s1[q]) + w2 * load_val(s2[q]) +
+                             w3 * load_val(s3[q]));
+  }
+}
+
+#if defined(__AVX2__) && defined(__FMA__)
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const uint16_t* p) {
+  const __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
+}
+// 8 floats -> 8 bf16, round to nearest even, NaN -> 0x7FC0 (as store_val)
+inline __m128i round8_bf16(__m256 v) {
+  const __m256i u = _mm256_castps_si256(v);
+  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+  __m256i r = _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7FFF)), lsb), 16);
+  const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+  r = _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7FC0), nan);
+  return _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1));  // values < 2^16
+}
+template <typename S>
+inline void bilinear4_bf16(uint16_t* __restrict__ dst, const S* s0, const S* s1, const S* s2, const S* s3,
+                           float w0, float w1, float w2, float w3, int64_t len) {
+  const __m256 v0 = _mm256_set1_ps(w0), v1 = _mm256_set1_ps(w1), v2 = _mm256_set1_ps(w2), v3 = _mm256_set1_ps(w3);
+  int64_t q = 0;
+  for (; q + 8 <= len; q += 8) {
+    __m256 a = _mm256_mul_ps(v0, load8(s0 + q));
+    a = _mm256_fmadd_ps(v1, load8(s1 + q), a);
+    a = _mm256_fmadd_ps(v2, load8(s2 + q), a);
+    a = _mm256_fmadd_ps(v3, load8(s3 + q), a);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + q), round8_bf16(a));
+  }
+  for (; q < len; ++q) {
+    float a = w0 * load_val(s0[q]);
+    a = std::fma(w1, load_val(s1[q]), a);
+    a = std::fma(w2, load_val(s2[q]), a);
+    a = std::fma(w3, load_val(s3[q]), a);
+    dst[q] = store_val<uint16_t, float>(a);
+  }
+}
+template <>
+inline void bilinear4<float, uint16_t, uint16_t>(uint16_t* __restrict__ dst, const uint16_t* s0, const uint16_t* s1,
+                                                 const uint16_t* s2, const uint16_t* s3, float w0, float w1,
+                                                 float w2, float w3, int64_t len) {
+  bilinear4_bf16(dst, s0, s1, s2, s3, w0, w1, w2, w3, len);
+}
+template <>
+inline void bilinear4<float, float, uint16_t>(uint16_t* __restrict__ dst, const float* s0, const float* s1,
+                                              const float* s2, const float* s3, float w0, float w1, float w2,
+                                              float w3, int64_t len) {
+  bilinear4_bf16(dst, s0, s1, s2, s3, w0, w1, w2, w3, len);
+}
+#endif
 
 struct Geometry {
   int64_t N, C, H, W, Cout, G, OG, kh, kw, K, sh, sw, ph, pw, dh, dw, Ho, Wo, L;
@@ -88,12 +185,14 @@ struct TapReader {
 // float32 goes through oneDNN's matmul with the weight packed once per call (the mkldnn ops that
 // torch registers for its own linear layers): on the CPUs measured it runs about 15% faster than the
 // BLAS SGEMM behind at::mm for these shapes and reaches the speed of the dense convolution's direct
-// kernel. float64, or a torch built without oneDNN, uses at::mm. Both are exact float32/float64
-// GEMMs; neither changes precision.
+// kernel. bfloat16 takes the same oneDNN path (bf16 products, float32 accumulation, bf16 result).
+// float64, or a torch built without oneDNN, uses at::mm. The float32/float64 GEMMs are exact
+// float32/float64 GEMMs; neither changes precision.
 class RowGemm {
  public:
   RowGemm(const at::Tensor& w, int64_t max_rows) : w_(w) {
-    if (w.scalar_type() != at::kFloat || !onednn_enabled()) return;
+    const auto st = w.scalar_type();
+    if ((st != at::kFloat && st != at::kBFloat16) || !onednn_enabled()) return;
     const auto& ops = onednn_ops();
     if (!ops) return;
     torch::jit::Stack stack{w.contiguous(), c10::IValue(max_rows)};
@@ -155,15 +254,16 @@ int64_t tile_pixels(const Geometry& g, size_t elem) {
 }
 
 // col[p - p0] = [G, K, Cg] modulated bilinear samples for output pixels [p0, p1) of image n,
-// whose channels-last copy [H, W, C] is img.
-template <typename T>
-void fill_columns(const Geometry& g, const TapReader<T>& taps, const T* img, int64_t n, int64_t p0,
-                  int64_t p1, T* col) {
+// whose channels-last copy [H, W, C] is img. The samples are computed in T; the image is read as S
+// and the columns stored as D (bfloat16 bits for the bf16 forward, see load_val/store_val).
+template <typename T, typename S = T, typename D = T>
+void fill_columns(const Geometry& g, const TapReader<T>& taps, const S* img, int64_t n, int64_t p0,
+                  int64_t p1, D* col) {
   const int64_t C = g.C, Cg = g.Cg(), Cog = g.Cog(), K = g.K;
   at::parallel_for(p0, p1, 16, [&](int64_t begin, int64_t end) {
     Corners<T> cr;
     for (int64_t p = begin; p < end; ++p) {
-      T* row = col + (p - p0) * K * C;
+      D* row = col + (p - p0) * K * C;
       for (int64_t og = 0; og < g.OG; ++og) {
         for (int64_t k = 0; k < K; ++k) {
           T y, x, m;
@@ -175,22 +275,34 @@ void fill_columns(const Geometry& g, const TapReader<T>& taps, const T* img, int
           for (int64_t c = og * Cog, cend = (og + 1) * Cog; c < cend;) {
             const int64_t grp = c / Cg, seg_end = std::min(cend, (grp + 1) * Cg);
             const int64_t len = seg_end - c;
-            T* dst = row + grp * K * Cg + k * Cg + (c - grp * Cg);
+            D* dst = row + grp * K * Cg + k * Cg + (c - grp * Cg);
             if (cr.n == 0) {
-              std::fill(dst, dst + len, T(0));
+              std::fill(dst, dst + len, store_val<D, T>(T(0)));
             } else if (cr.n == 4) {  // the common case: one pass over the destination
-              const T *s0 = img + cr.idx[0] * C + c, *s1 = img + cr.idx[1] * C + c;
-              const T *s2 = img + cr.idx[2] * C + c, *s3 = img + cr.idx[3] * C + c;
-              const T w0 = cw[0], w1 = cw[1], w2 = cw[2], w3 = cw[3];
-              for (int64_t q = 0; q < len; ++q) dst[q] = w0 * s0[q] + w1 * s1[q] + w2 * s2[q] + w3 * s3[q];
-            } else {
-              const T* s0 = img + cr.idx[0] * C + c;
+              const S *s0 = img + cr.idx[0] * C + c, *s1 = img + cr.idx[1] * C + c;
+              const S *s2 = img + cr.idx[2] * C + c, *s3 = img + cr.idx[3] * C + c;
+              if constexpr (std::is_same<D, T>::value) {
+                const T w0 = cw[0], w1 = cw[1], w2 = cw[2], w3 = cw[3];
+                for (int64_t q = 0; q < len; ++q) dst[q] = w0 * s0[q] + w1 * s1[q] + w2 * s2[q] + w3 * s3[q];
+              } else {
+                bilinear4<T, S, D>(dst, s0, s1, s2, s3, cw[0], cw[1], cw[2], cw[3], len);
+              }
+            } else if constexpr (std::is_same<D, T>::value) {  // accumulate in place (float32/float64 columns)
+              const S* s0 = img + cr.idx[0] * C + c;
               const T w0 = cw[0];
-              for (int64_t q = 0; q < len; ++q) dst[q] = w0 * s0[q];
+              for (int64_t q = 0; q < len; ++q) dst[q] = store_val<D, T>(w0 * load_val(s0[q]));
               for (int t = 1; t < cr.n; ++t) {
-                const T* s = img + cr.idx[t] * C + c;
+                const S* s = img + cr.idx[t] * C + c;
                 const T wt = cw[t];
-                for (int64_t q = 0; q < len; ++q) dst[q] += wt * s[q];
+                for (int64_t q = 0; q < len; ++q) dst[q] = store_val<D, T>(load_val(dst[q]) + wt * load_val(s[q]));
+              }
+            } else {  // narrow columns: sum in T, round once
+              const S* sp[4];
+              for (int t = 0; t < cr.n; ++t) sp[t] = img + cr.idx[t] * C + c;
+              for (int64_t q = 0; q < len; ++q) {
+                T v = cw[0] * load_val(sp[0][q]);
+                for (int t = 1; t < cr.n; ++t) v += cw[t] * load_val(sp[t][q]);
+                dst[q] = store_val<D, T>(v);
               }
             }
             c = seg_end;
@@ -202,9 +314,10 @@ void fill_columns(const Geometry& g, const TapReader<T>& taps, const T* img, int
 }
 
 // dst[c * ld + q] = src[q * M + c] + bias[c] for q < np, c < M: the GEMM's pixel-major rows into
-// NCHW, transposed in cache-sized blocks and in parallel over channel blocks, the bias added on the way.
-template <typename T>
-void rows_to_channels(const T* src, int64_t np, int64_t M, T* dst, int64_t ld, const T* bias) {
+// NCHW, transposed in cache-sized blocks and in parallel over channel blocks, the bias added on the way
+// (in T; S and D are the element types of src and dst, see load_val/store_val).
+template <typename T, typename S = T, typename D = T>
+void rows_to_channels(const S* src, int64_t np, int64_t M, D* dst, int64_t ld, const T* bias) {
   constexpr int64_t B = 32;
   at::parallel_for(0, (M + B - 1) / B, 1, [&](int64_t b0, int64_t b1) {
     for (int64_t cb = b0 * B; cb < std::min(M, b1 * B); cb += B) {
@@ -213,8 +326,8 @@ void rows_to_channels(const T* src, int64_t np, int64_t M, T* dst, int64_t ld, c
         const int64_t qe = std::min(np, qb + B);
         for (int64_t c = cb; c < ce; ++c) {
           const T add = bias ? bias[c] : T(0);
-          T* d = dst + c * ld;
-          for (int64_t q = qb; q < qe; ++q) d[q] = src[q * M + c] + add;
+          D* d = dst + c * ld;
+          for (int64_t q = qb; q < qe; ++q) d[q] = store_val<D, T>(load_val(src[q * M + c]) + add);
         }
       }
     }
@@ -224,26 +337,34 @@ void rows_to_channels(const T* src, int64_t np, int64_t M, T* dst, int64_t ld, c
 // d[q] += wm * gv[q] for q < len; returns sum_q gv[q] * s[q]. The sum runs in kLanes independent
 // partial sums (a fixed order, so results stay bit-identical run to run) so the compiler can keep it
 // in vector registers: a single running sum is a serial dependency it may not reorder.
-template <typename T>
-inline T scatter_and_dot(T* __restrict__ d, const T* __restrict__ gv, const T* __restrict__ s, T wm,
+// gv is read as B (T, or bfloat16 bits in the bf16 backward).
+template <typename T, typename B = T>
+inline T scatter_and_dot(T* __restrict__ d, const B* __restrict__ gv, const T* __restrict__ s, T wm,
                          int64_t len) {
   constexpr int kLanes = 8;
   T acc[kLanes] = {};
   int64_t q = 0;
   for (; q + kLanes <= len; q += kLanes) {
     for (int u = 0; u < kLanes; ++u) {
-      d[q + u] += wm * gv[q + u];
-      acc[u] += gv[q + u] * s[q + u];
+      const T gq = load_val(gv[q + u]);
+      d[q + u] += wm * gq;
+      acc[u] += gq * s[q + u];
     }
   }
   T dot = 0;
   for (int u = 0; u < kLanes; ++u) dot += acc[u];
   for (; q < len; ++q) {
-    d[q] += wm * gv[q];
-    dot += gv[q] * s[q];
+    const T gq = load_val(gv[q]);
+    d[q] += wm * gq;
+    dot += gq * s[q];
   }
   return dot;
 }
+
+template <typename B>
+B* elem_ptr(const at::Tensor& t) { return t.data_ptr<B>(); }
+template <>
+uint16_t* elem_ptr<uint16_t>(const at::Tensor& t) { return bf16_bits(t); }
 
 Geometry make_geometry(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& offset,
                        const std::optional<at::Tensor>& mask, at::IntArrayRef stride,
@@ -308,12 +429,62 @@ at::Tensor weight_matrix(const at::Tensor& weight, const Geometry& g, at::Scalar
       .reshape({g.G, g.Coutg(), g.K * g.Cg()});
 }
 
+// DCNV2_BF16=float32 sends bfloat16 through the float32 computation instead (benchmarks, debugging).
+bool bf16_fast_path() {
+  static const bool on = [] {
+    const char* env = std::getenv("DCNV2_BF16");
+    return !(env && std::string(env) == "float32");
+  }();
+  return on;
+}
+
+// The bfloat16 forward: float32 sampling, bf16 column tiles, bf16 GEMM with float32 accumulation
+// (RowGemm), bf16 output. The GEMM rounds its result to bf16 and the bias, when there is one, is
+// added in float32 and rounded again.
+at::Tensor deform_conv2d_forward_bf16(const Geometry& g, const at::Tensor& input, const at::Tensor& weight,
+                                      const at::Tensor& offset, const std::optional<at::Tensor>& mask,
+                                      const std::optional<at::Tensor>& bias) {
+  at::Tensor out = at::empty({g.N, g.Cout, g.Ho, g.Wo}, input.options());
+  if (g.N == 0) return out;
+  const at::Tensor off_r = rows(offset, at::kFloat);  // exact: every bf16 is a float32
+  const at::Tensor mask_r = mask ? rows(*mask, at::kFloat) : at::Tensor();
+  const at::Tensor wmat = weight_matrix(weight, g, at::kBFloat16);
+  const int64_t P = tile_pixels(g, sizeof(uint16_t));
+  at::Tensor col = at::empty({P, g.G, g.K * g.Cg()}, input.options());
+  at::Tensor x_cl = at::empty({g.H, g.W, g.C}, input.options());
+  std::vector<RowGemm> gemm;
+  for (int64_t grp = 0; grp < g.G; ++grp) gemm.emplace_back(wmat[grp], P);
+  const bool has_bias = bias && bias->defined();
+  const at::Tensor bias_c = has_bias ? bias->to(at::kFloat).contiguous() : at::Tensor();
+  TapReader<float> taps{g, off_r.data_ptr<float>(), mask ? mask_r.data_ptr<float>() : nullptr};
+  uint16_t* out_p = bf16_bits(out);
+  for (int64_t n = 0; n < g.N; ++n) {
+    x_cl.copy_(input[n].permute({1, 2, 0}));
+    for (int64_t p0 = 0; p0 < g.L; p0 += P) {
+      const int64_t p1 = std::min(g.L, p0 + P), np = p1 - p0;
+      fill_columns<float, uint16_t, uint16_t>(g, taps, bf16_bits(x_cl), n, p0, p1, bf16_bits(col));
+      for (int64_t grp = 0; grp < g.G; ++grp) {
+        const at::Tensor cols = col.narrow(0, 0, np).select(1, grp);  // [np, K*Cg]
+        const at::Tensor res = gemm[grp](cols).contiguous();         // [np, Coutg] bf16
+        TORCH_CHECK(res.scalar_type() == at::kBFloat16, "deform_conv2d: bf16 GEMM returned ", res.scalar_type());
+        rows_to_channels<float, uint16_t, uint16_t>(
+            bf16_bits(res), np, g.Coutg(), out_p + (n * g.Cout + grp * g.Coutg()) * g.L + p0, g.L,
+            has_bias ? bias_c.data_ptr<float>() + grp * g.Coutg() : nullptr);
+      }
+    }
+  }
+  return out;
+}
+
 at::Tensor deform_conv2d_forward_cpu(const at::Tensor& input, const at::Tensor& weight,
                                      const at::Tensor& offset, const std::optional<at::Tensor>& mask,
                                      const std::optional<at::Tensor>& bias, at::IntArrayRef stride,
                                      at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
                                      int64_t offset_groups) {
   const Geometry g = make_geometry(input, weight, offset, mask, stride, padding, dilation, groups, offset_groups);
+  if (input.scalar_type() == at::kBFloat16 && bf16_fast_path()) {
+    return deform_conv2d_forward_bf16(g, input, weight, offset, mask, bias);
+  }
   const auto ct = compute_type(input.scalar_type());
   // every output element is written by exactly one tile GEMM, so no zero-fill is needed
   at::Tensor out = at::empty({g.N, g.Cout, g.Ho, g.Wo}, input.options().dtype(ct));
@@ -389,12 +560,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> deform_co
     at::Tensor grad_in_cl = at::empty({g.H, g.W, g.C}, opts);
     const at::Tensor off_r = rows(offset, ct);
     const at::Tensor mask_r = mask ? rows(*mask, ct) : at::Tensor();
-    const at::Tensor wmat = weight_matrix(weight, g, ct);
-    const at::Tensor go = grad_output.to(ct).contiguous();
-    const int64_t P = tile_pixels(g, at::elementSize(ct));
-    at::Tensor col = at::empty({P, g.G, g.K * g.Cg()}, opts);
-    at::Tensor gcol = g.G > 1 ? at::empty({P, g.G, g.K * g.Cg()}, opts) : at::Tensor();
-    at::Tensor go_tile = at::empty({P, g.Cout}, opts);
+    // the column tiles, grad_col and the GEMMs run in bt: bfloat16 on the bf16 fast path
+    const bool fast = input.scalar_type() == at::kBFloat16 && bf16_fast_path();
+    const auto bt = fast ? at::kBFloat16 : ct;
+    const auto bopts = input.options().dtype(bt);
+    const at::Tensor wmat = weight_matrix(weight, g, bt);
+    const at::Tensor go = grad_output.to(bt).contiguous();
+    const int64_t P = tile_pixels(g, at::elementSize(bt));
+    at::Tensor col = at::empty({P, g.G, g.K * g.Cg()}, bopts);
+    at::Tensor gcol = g.G > 1 ? at::empty({P, g.G, g.K * g.Cg()}, bopts) : at::Tensor();
+    at::Tensor go_tile = at::empty({P, g.Cout}, bopts);
     std::vector<RowGemm> gemm_t;  // grad_col = grad_out_rows @ wmat, i.e. weight wmat^T [K*Cg, Coutg]
     for (int64_t grp = 0; grp < g.G; ++grp) gemm_t.emplace_back(wmat[grp].t().contiguous(), P);
     const std::vector<Block> blocks = channel_blocks(g);
@@ -402,22 +577,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> deform_co
     // per block, pixel and tap: partial (d/dy, d/dx, d/dmask) over the block's channels
     at::Tensor partial = at::empty({NB, P, g.K, 3}, opts);
 
-    AT_DISPATCH_FLOATING_TYPES(ct, "dcnv2_deform_conv2d_backward", [&] {
-      using T = scalar_t;
+    auto body = [&](auto t_tag, auto b_tag) {
+      using T = decltype(t_tag);  // sampling, scatter and gradient accumulation
+      using B = decltype(b_tag);  // columns, grad_col and GEMM operands
       TapReader<T> taps{g, off_r.data_ptr<T>(), mask ? mask_r.data_ptr<T>() : nullptr};
       const T* img = x_cl.data_ptr<T>();
       T* gimg = grad_in_cl.data_ptr<T>();
       T* goff = grad_off_r.data_ptr<T>();
       T* gmask = mask ? grad_mask_r.data_ptr<T>() : nullptr;
       T* part = partial.data_ptr<T>();
-      const T* gc = nullptr;  // this tile's grad_col rows [np, G, K, Cg]
+      const B* gc = nullptr;  // this tile's grad_col rows [np, G, K, Cg]
       const int64_t C = g.C, K = g.K, Cg = g.Cg();
       for (int64_t n = 0; n < g.N; ++n) {
         x_cl.copy_(input[n].permute({1, 2, 0}));
         grad_in_cl.zero_();
         for (int64_t p0 = 0; p0 < g.L; p0 += P) {
           const int64_t p1 = std::min(g.L, p0 + P), np = p1 - p0;
-          fill_columns<T>(g, taps, img, n, p0, p1, col.data_ptr<T>());
+          fill_columns<T, T, B>(g, taps, img, n, p0, p1, elem_ptr<B>(col));
           // the tile's output gradient as pixel-major rows [np, Cout] (the GEMM layouts that run fastest)
           at::Tensor go_rows = go_tile.narrow(0, 0, np);
           go_rows.copy_(go[n].view({g.Cout, g.L}).narrow(1, p0, np).t());
@@ -425,14 +601,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> deform_co
           for (int64_t grp = 0; grp < g.G; ++grp) {
             at::Tensor go_g = go_rows.narrow(1, grp * g.Coutg(), g.Coutg());  // [np, Coutg]
             at::Tensor cols = col.narrow(0, 0, np).select(1, grp);           // [np, K*Cg]
-            grad_w[grp].addmm_(go_g.t(), cols);
+            if constexpr (std::is_same<B, T>::value) {
+              grad_w[grp].addmm_(go_g.t(), cols);
+            } else {  // the tile's bf16 GEMM (float32 accumulation, rounded once) added in float32
+              grad_w[grp].add_(at::mm(go_g.t(), cols));
+            }
             if (g.G == 1) {
               gcol_single = gemm_t[0](go_g);
             } else {
               gcol.narrow(0, 0, np).select(1, grp).copy_(gemm_t[grp](go_g));
             }
           }
-          gc = g.G == 1 ? gcol_single.data_ptr<T>() : gcol.data_ptr<T>();
+          gc = g.G == 1 ? elem_ptr<B>(gcol_single) : elem_ptr<B>(gcol);
           at::parallel_for(0, NB, 1, [&](int64_t b0, int64_t b1) {
             Corners<T> cr;
             for (int64_t b = b0; b < b1; ++b) {
@@ -445,7 +625,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> deform_co
                   taps.sample(n, p, blk.og, k, y, xx, m);
                   cr.set(y, xx, g.H, g.W);
                   T gy = 0, gx = 0, gm = 0;
-                  const T* gv = gc + (p - p0) * K * C + blk.grp * K * Cg + k * Cg + (blk.c0 - blk.grp * Cg);
+                  const B* gv = gc + (p - p0) * K * C + blk.grp * K * Cg + k * Cg + (blk.c0 - blk.grp * Cg);
                   for (int t = 0; t < cr.n; ++t) {
                     const int64_t base = cr.idx[t] * C + blk.c0;
                     const T* s = img + base;
@@ -482,7 +662,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> deform_co
         }
         grad_in[n].copy_(grad_in_cl.permute({2, 0, 1}));
       }
-    });
+    };
+    if (fast) {
+      body(float{}, uint16_t{});
+    } else {
+      AT_DISPATCH_FLOATING_TYPES(ct, "dcnv2_deform_conv2d_backward", [&] { body(scalar_t{}, scalar_t{}); });
+    }
   }
 
   const auto in_t = input.scalar_type();
