@@ -1,6 +1,7 @@
 """Deformable convolution on CPU: ours vs torchvision's op vs a dense conv of the same shape.
 
 The 3x3 layers of ResNet-50 stages c3, c4, c5 at 800 px shorter side, modulated, float32, all cores.
+``--dtype bfloat16`` instead times ours and the dense conv in float32 and in bfloat16 side by side.
 Everything runs side by side in one process; each time is the best of --repeats runs, and the table
 prints ratios (the absolute times of a shared machine mean little on their own).
 """
@@ -174,6 +175,50 @@ def run(repeats: int, batches) -> list[dict]:
     return rows
 
 
+def run_dtype(repeats: int, batches, stages, dtype: torch.dtype) -> list[dict]:
+    """Ours and the dense conv, each in float32 and in ``dtype``, side by side (interleaved rounds)."""
+    rows = []
+    for stage, C, H, W in LAYERS:
+        if stages and stage not in stages:
+            continue
+        for N in batches:
+            base = make_case(C, H, W, N, requires_grad=False)
+            go32 = torch.randn(N, C, H, W, generator=torch.Generator().manual_seed(1))
+            fwd, fb = [], []
+            for dt in (torch.float32, dtype):
+                x, w, off, mask = (t.to(dt) for t in base)
+                fwd += [lambda x=x, w=w, off=off, mask=mask: dcnv2.ops.deform_conv2d(x, off, w, padding=1, mask=mask),
+                        lambda x=x, w=w: F.conv2d(x, w, padding=1)]
+                leaves = [t.to(dt).requires_grad_() for t in base]
+                go = go32.to(dt)
+
+                def step(fn, leaves=leaves, go=go):
+                    def run():
+                        fn(*leaves).backward(go)
+                        for t in leaves:
+                            t.grad = None
+                    return run
+                fb += [step(lambda x, w, off, mask: dcnv2.ops.deform_conv2d(x, off, w, padding=1, mask=mask)),
+                       step(lambda x, w, off, mask: F.conv2d(x, w, padding=1))]
+            with torch.no_grad():
+                f = best_times_interleaved(fwd, repeats)
+            b = best_times_interleaved(fb, repeats)
+            rows.append(dict(stage=stage, C=C, H=H, W=W, N=N, f=f, b=b))
+            print_dtype_row(rows[-1], header=len(rows) == 1, name=str(dtype).replace("torch.", ""))
+    return rows
+
+
+def print_dtype_row(r: dict, header: bool, name: str) -> None:
+    if header:
+        print(f"| layer | N | pass | ours fp32 | ours {name} | dense fp32 | dense {name} "
+              f"| ours {name}/fp32 | dense {name}/fp32 | ours/dense in {name} |")
+        print("|---|---|---|---|---|---|---|---|---|---|")
+    for label, (o32, d32, o16, d16) in (("fwd", r["f"]), ("fwd+bwd", r["b"])):
+        print(f"| {r['stage']} C={r['C']} {r['H']}x{r['W']} | {r['N']} | {label} | {o32 * 1e3:.1f} ms "
+              f"| {o16 * 1e3:.1f} ms | {d32 * 1e3:.1f} ms | {d16 * 1e3:.1f} ms | {o16 / o32:.2f}x "
+              f"| {d16 / d32:.2f}x | {o16 / d16:.2f}x |", flush=True)
+
+
 def print_row(r: dict, header: bool) -> None:
     if header:
         print("| layer | N | fwd ours/dense | fwd tv/ours | fwd+bwd ours/dense | fwd+bwd tv/ours "
@@ -191,11 +236,23 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=5, help="repetitions per measurement; the best is kept")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
+                        help="other than float32: ours and the dense conv in float32 and in this dtype, "
+                             "side by side (no torchvision, no memory)")
+    parser.add_argument("--layers", nargs="+", choices=[s for s, *_ in LAYERS], help="only these stages")
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     parser.add_argument("--memory-case", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.memory_case:
         stage, N, mode, impl = args.memory_case
         return memory_case(stage, int(N), mode, impl)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.dtype != "float32":
+        print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, float32 vs {args.dtype}, "
+              f"modulated, 3x3 pad 1; best of {args.repeats} interleaved rounds")
+        run_dtype(args.repeats, args.batches, args.layers, getattr(torch, args.dtype))
+        return
     print(f"torch {torch.__version__}, torchvision {torchvision.__version__}, {torch.get_num_threads()} threads, "
           f"float32, modulated, 3x3 pad 1; best of {args.repeats}")
     run(args.repeats, args.batches)
