@@ -40,16 +40,17 @@ def test_losses_logged_and_final_model_loads_into_the_base_preset(tmp_path):
 
 
 def test_resume_with_mimicking_matches_uninterrupted_run(tmp_path):
-    data = TinyShapes(n=6)
-    kw = dict(max_iters=6, warmup_iters=3, lr=0.005, checkpoint_every=3)
+    # the RoIs mimicked are drawn from the global RNG: the checkpoint's RNG state must restore that draw too
+    data = TinyShapes(n=4)
+    kw = dict(max_iters=4, warmup_iters=2, lr=0.005, checkpoint_every=2)
     full = tiny_mimic_detector()
     train(full, data, _cfg(tmp_path / "full", **kw))
     part = tiny_mimic_detector()
-    _crash_at(part, 5)
+    _crash_at(part, 3)
     with pytest.raises(RuntimeError, match="simulated crash"):
         train(part, data, _cfg(tmp_path / "part", **kw))
     resumed = tiny_mimic_detector(seed=5)
-    assert train(resumed, data, _cfg(tmp_path / "part", **kw), resume=True)["iteration"] == 6
+    assert train(resumed, data, _cfg(tmp_path / "part", **kw), resume=True)["iteration"] == 4
     assert torch.equal(params_vector(resumed), params_vector(full))
     assert [r["loss_mimic"] for r in _log(tmp_path / "part")] == [r["loss_mimic"] for r in _log(tmp_path / "full")]
 
@@ -120,6 +121,5 @@ def test_cli_train_with_mimicking_then_eval(tmp_path, capsys):
     assert {"loss_mimic", "loss_rcnn_cls"} <= set(_log(run)[0])
     spec = json.loads((run / "config.json").read_text())["model"]
     assert spec["preset"] == "dcnv2" and spec["kwargs"]["mimic"] == {"patch_size": 32, "rois_per_image": 2}
-    for ckpt in ("checkpoint_last.pth", "model_final.pth"):
-        assert main(["eval", "--checkpoint", str(run / ckpt), "--data", str(data), "--out", str(tmp_path / ckpt),
-                     "--no-progress"]) == 0, capsys.readouterr().err
+    assert main(["eval", "--checkpoint", str(run / "checkpoint_last.pth"), "--data", str(data),
+                 "--out", str(tmp_path / "eval"), "--no-progress"]) == 0, capsys.readouterr().err
