@@ -28,7 +28,7 @@ from torch import Tensor, nn
 __all__ = ["PreparedImage", "prepare_image", "ImageNode", "RoINode", "load_analysis_model", "trunk_of",
            "default_layer", "MIMIC_PREFIX"]
 
-MIMIC_PREFIX = "mimic."  # the training-only feature-mimicking branch of the mimicking presets
+from dcnv2.models.mimic import TRAINING_ONLY_PREFIX as MIMIC_PREFIX  # the training-only mimicking branch
 
 
 def load_analysis_model(checkpoint: Union[str, Path], device: Union[str, torch.device] = "cpu"):
@@ -41,19 +41,9 @@ def load_analysis_model(checkpoint: Union[str, Path], device: Union[str, torch.d
         FileNotFoundError / ValueError: as :func:`dcnv2.engine.checkpoint.load_checkpoint`; ValueError when
         the checkpoint has no ``model_spec``.
     """
-    from dcnv2.engine.checkpoint import load_checkpoint
-    from dcnv2.engine.config import ModelSpec, build_model
+    from dcnv2.engine.predict import load_model
 
-    state = load_checkpoint(checkpoint)
-    if not state.get("model_spec"):
-        raise ValueError(f"checkpoint {str(checkpoint)!r} has no model_spec: it was not written by `dcnv2 train`")
-    spec = ModelSpec.from_dict(state["model_spec"])
-    model = build_model(spec)
-    if getattr(model, "mimic", None) is not None:  # training only: never part of what a node computes
-        del model.mimic
-    weights = {k: v for k, v in state["model"].items() if not k.startswith(MIMIC_PREFIX)}
-    model.load_state_dict(weights)
-    return model.to(device).eval(), spec
+    return load_model(checkpoint, device)  # rebuilds the inference model: no mimicking branch
 
 
 @dataclass
