@@ -97,6 +97,11 @@ class SynthConfig:
     max_occluded: float = 0.5     # an object may lose at most this fraction of its area to later ones
     clutter_lines: Tuple[int, int] = (2, 6)
     occluding_strokes: Tuple[int, int] = (0, 2)
+    classes: Optional[Tuple[str, ...]] = None  # a subset of CLASSES (in this order); None: all of them
+
+    def class_names(self) -> Tuple[str, ...]:
+        """The classes this set draws from; category ``i + 1`` is ``class_names()[i]``."""
+        return CLASSES if self.classes is None else tuple(self.classes)
 
     def validate(self) -> None:
         if not (isinstance(self.image_size, int) and self.image_size >= 16):
@@ -109,6 +114,14 @@ class SynthConfig:
             raise ValueError("max_aspect must be >= 1, max_shear and max_warp >= 0")
         if not (0 < self.max_occluded <= 1):
             raise ValueError(f"max_occluded must be in (0, 1], got {self.max_occluded}")
+        for name, (lo, hi) in (("clutter_lines", self.clutter_lines), ("occluding_strokes", self.occluding_strokes)):
+            if not (0 <= lo <= hi):
+                raise ValueError(f"{name} must be a (min, max) pair with 0 <= min <= max, got {(lo, hi)}")
+        if self.classes is not None:
+            names = tuple(self.classes)
+            unknown = [c for c in names if c not in SHAPES]
+            if unknown or not names or len(set(names)) != len(names):
+                raise ValueError(f"classes must be distinct names from {list(CLASSES)}, got {list(names)}")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -160,7 +173,7 @@ def _object(rng: np.random.Generator, cfg: SynthConfig, label: int):
     amp = rng.uniform(0, cfg.max_warp, 2)
     freq = rng.uniform(1.5, 3.5, 2)
     phase = rng.uniform(0, 2 * math.pi, 2)
-    shape = SHAPES[CLASSES[label]]
+    shape = SHAPES[cfg.class_names()[label]]
     corners = m @ np.array([[-1.25, -1.25, 1.25, 1.25], [-1.25, 1.25, -1.25, 1.25]])
     reach = np.abs(corners).max(axis=1)  # window half-size in x and y
     stripes = rng.uniform(5, 12) if rng.random() < 0.4 else None
@@ -195,7 +208,7 @@ def render_image(rng: np.random.Generator, cfg: SynthConfig) -> Tuple[np.ndarray
     labels: List[int] = []
     ys, xs = np.mgrid[0:size, 0:size] + 0.5
     for _ in range(rng.integers(cfg.min_objects, cfg.max_objects + 1)):
-        label = int(rng.integers(len(CLASSES)))
+        label = int(rng.integers(len(cfg.class_names())))
         coverage, reach = _object(rng, cfg, label)
         for _attempt in range(10):  # place it where it hides no earlier object too much
             lo = np.minimum(0.6 * reach, size / 2)
@@ -275,7 +288,7 @@ def _render_split(out: Path, split: str, count: int, seed: int, cfg: SynthConfig
                  "config": asdict(cfg)},
         "images": images,
         "annotations": annotations,
-        "categories": [{"id": i + 1, "name": name, "supercategory": "shape"} for i, name in enumerate(CLASSES)],
+        "categories": [{"id": i + 1, "name": name, "supercategory": "shape"} for i, name in enumerate(cfg.class_names())],
     }
 
 
@@ -313,6 +326,11 @@ def generate(out_dir: Union[str, Path], *, seed: int = 0, num_train: int = 1600,
     unknown = sorted(set(config) - set(SynthConfig.__dataclass_fields__))
     if unknown:
         raise TypeError(f"unknown synthetic data option(s) {unknown}; known: {sorted(SynthConfig.__dataclass_fields__)}")
+    if config.get("classes") is not None:
+        config["classes"] = tuple(config["classes"])
+    for pair in ("clutter_lines", "occluding_strokes"):
+        if pair in config:
+            config[pair] = tuple(config[pair])
     cfg = SynthConfig(image_size=image_size, **config)
     cfg.validate()
     out = Path(out_dir)

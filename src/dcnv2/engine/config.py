@@ -15,7 +15,13 @@ class TrainConfig:
 
     The schedule is counted in iterations: ``epochs`` (may be fractional) × iterations per epoch, or
     ``max_iters`` when given; ``lr_steps`` are epochs (also fractional) where the lr is multiplied by
-    ``gamma``. Defaults follow the paper's recipe (SGD 0.02 for 16 images, ×0.1 at epochs 10 and 14 of 16).
+    ``gamma`` (``lr_schedule="step"``), or the lr follows a cosine from 1 to ``min_lr_factor`` over the
+    schedule (``"cosine"``). Defaults follow the paper's recipe (SGD 0.02 for 16 images, ×0.1 at epochs 10
+    and 14 of 16).
+
+    ``time_budget_s`` turns the iteration count into a first estimate: training re-plans the number of
+    iterations as it goes so that it ends within the budget, and the schedule (warm-up aside) stretches or
+    shrinks with it - lr steps and the cosine stay at the same fraction of the run.
     """
 
     out: str = "runs/train"
@@ -31,6 +37,9 @@ class TrainConfig:
     warmup_factor: float = 1.0 / 3           # lr multiplier at iteration 0, rising linearly to 1
     lr_steps: Tuple[float, ...] = (10.0, 14.0)
     gamma: float = 0.1
+    lr_schedule: str = "step"                # "step" (lr_steps, gamma) or "cosine" (to min_lr_factor)
+    min_lr_factor: float = 0.0               # cosine: lr multiplier at the end of the schedule
+    time_budget_s: Optional[float] = None    # wall-clock budget of the training loop; re-plans iterations
     amp: bool = False                        # autocast: bfloat16 on CPU, float16 (+ GradScaler) on CUDA
     clip_grad_norm: Optional[float] = None
     checkpoint_every: int = 1000             # iterations; a checkpoint is also written at the end
@@ -57,6 +66,11 @@ class TrainConfig:
             ("log_every", self.log_every, self.log_every >= 1),
             ("num_workers", self.num_workers, self.num_workers >= 0),
         ]
+        if self.lr_schedule not in ("step", "cosine"):
+            raise ValueError(f"lr_schedule must be 'step' or 'cosine', got {self.lr_schedule!r}")
+        checks.append(("min_lr_factor", self.min_lr_factor, 0 <= self.min_lr_factor <= 1))
+        if self.time_budget_s is not None:
+            checks.append(("time_budget_s", self.time_budget_s, self.time_budget_s > 0))
         if self.optimizer not in ("sgd", "adamw"):
             raise ValueError(f"optimizer must be 'sgd' or 'adamw', got {self.optimizer!r}")
         if self.max_iters is not None:
@@ -74,16 +88,25 @@ class TrainConfig:
             return int(self.max_iters)
         return max(1, int(math.ceil(self.epochs * iters_per_epoch)))
 
-    def step_iters(self, iters_per_epoch: int) -> List[int]:
-        return sorted(int(round(s * iters_per_epoch)) for s in self.lr_steps)
+    def step_iters(self, iters_per_epoch: int, total: Optional[int] = None) -> List[int]:
+        """Iterations where the lr decays; with ``total`` (a re-planned schedule length) the steps move with
+        it, staying at the same fraction of the schedule."""
+        scale = 1.0 if total is None else total / self.total_iters(iters_per_epoch)
+        return sorted(int(round(s * iters_per_epoch * scale)) for s in self.lr_steps)
 
-    def lr_factor(self, it: int, iters_per_epoch: int) -> float:
-        """Multiplier of every group's initial lr at iteration ``it`` (0-based): warm-up × step decay."""
+    def lr_factor(self, it: int, iters_per_epoch: int, total: Optional[int] = None) -> float:
+        """Multiplier of every group's initial lr at iteration ``it`` (0-based): warm-up × step decay or
+        cosine. ``total``: the schedule's length when re-planned (default: :meth:`total_iters`)."""
         factor = 1.0
         if it < self.warmup_iters:
             alpha = it / self.warmup_iters
             factor = self.warmup_factor * (1 - alpha) + alpha
-        decays = sum(1 for s in self.step_iters(iters_per_epoch) if it >= s)
+        if self.lr_schedule == "cosine":
+            n = self.total_iters(iters_per_epoch) if total is None else total
+            span = max(1, n - self.warmup_iters)
+            progress = min(1.0, max(0.0, (it - self.warmup_iters) / span))
+            return factor * (self.min_lr_factor + (1 - self.min_lr_factor) * 0.5 * (1 + math.cos(math.pi * progress)))
+        decays = sum(1 for s in self.step_iters(iters_per_epoch, total) if it >= s)
         return factor * self.gamma ** decays
 
     def to_dict(self) -> Dict[str, Any]:
