@@ -124,7 +124,7 @@ class TrainConfig:
 class ModelSpec:
     """What it takes to rebuild a detector from a checkpoint alone (``eval`` and ``predict`` do).
 
-    ``arch`` names a builder in :mod:`dcnv2.models` (``faster_rcnn`` or ``mask_rcnn``); ``kwargs`` are
+    ``arch`` names a builder in :mod:`dcnv2.models` (``faster_rcnn``, ``mask_rcnn`` or ``classifier``); ``kwargs`` are
     passed through to it (and on to torchvision's FasterRCNN/MaskRCNN: rpn_*, box_*, ...).
     ``label_to_category_id`` maps the model's contiguous labels 1..K to the data set's category ids.
     """
@@ -176,9 +176,12 @@ def build_model(spec: ModelSpec, *, inference: bool = False):
     """
     from dcnv2 import models
 
+    if spec.arch == "classifier":  # dcnv2.models.classification; fpn/min_size/max_size do not apply
+        return models.classifier(preset=spec.preset, backbone=spec.backbone, num_classes=spec.num_classes,
+                                 **spec.kwargs)
     builders = {"faster_rcnn": models.faster_rcnn, "mask_rcnn": models.mask_rcnn}
     if spec.arch not in builders:
-        raise ValueError(f"ModelSpec.arch must be one of {sorted(builders)}, got {spec.arch!r}")
+        raise ValueError(f"ModelSpec.arch must be one of {sorted(builders) + ['classifier']}, got {spec.arch!r}")
     model = builders[spec.arch](preset=spec.preset, backbone=spec.backbone, num_classes=spec.num_classes,
                                 fpn=spec.fpn, min_size=spec.min_size, max_size=spec.max_size, **spec.kwargs)
     return models.strip_mimicking(model) if inference else model

@@ -1,6 +1,7 @@
 """DCN backbones and detectors: ResNet/ResNeXt with deformable stages, the paper's Faster R-CNN, FPN Faster /
 Mask R-CNN, and the paper's Table 1 presets, and the
 training-only R-CNN feature mimicking of Table 3."""
+from dcnv2.models.classification import CLASSIFIER_PRESETS, DCNClassifier, classifier
 from dcnv2.models.detection import DCNFasterRCNN, DCNMaskRCNN, faster_rcnn, mask_rcnn
 from dcnv2.models.mimic import FeatureMimicking, MimicConfig, inference_state_dict, strip_mimicking
 from dcnv2.models.presets import PRESETS, DetectorPreset, get_preset
@@ -9,4 +10,5 @@ from dcnv2.models.targets import validate_targets
 
 __all__ = ["faster_rcnn", "mask_rcnn", "DCNFasterRCNN", "DCNMaskRCNN", "PRESETS", "DetectorPreset", "get_preset",
            "BACKBONES", "dcn_resnet", "convert_to_deformable", "dilate_conv5", "validate_targets",
-           "MimicConfig", "FeatureMimicking", "strip_mimicking", "inference_state_dict"]
+           "MimicConfig", "FeatureMimicking", "strip_mimicking", "inference_state_dict",
+           "classifier", "DCNClassifier", "CLASSIFIER_PRESETS"]
