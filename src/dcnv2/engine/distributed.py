@@ -15,7 +15,7 @@ import torch.distributed as dist
 
 __all__ = [
     "init_distributed", "cleanup_distributed", "is_distributed", "get_rank", "get_world_size",
-    "is_main_process", "barrier", "all_reduce_mean", "all_gather_object", "default_device",
+    "is_main_process", "barrier", "all_reduce_mean", "broadcast_int", "all_gather_object", "default_device",
 ]
 
 
@@ -83,6 +83,16 @@ def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
     t = t.clone()
     dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t / get_world_size()
+
+
+def broadcast_int(value: int, src: int = 0) -> int:
+    """Rank ``src``'s ``value`` on every rank (``value`` itself when not distributed)."""
+    if not is_distributed():
+        return int(value)
+    t = torch.tensor([int(value)], dtype=torch.int64,
+                     device=default_device() if dist.get_backend() == "nccl" else "cpu")
+    dist.broadcast(t, src=src)
+    return int(t.item())
 
 
 def all_gather_object(obj: Any) -> List[Any]:

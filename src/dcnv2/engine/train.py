@@ -26,6 +26,7 @@ from torch.utils.data import Dataset, DataLoader, DistributedSampler, Sampler
 from dcnv2.engine import distributed as D
 from dcnv2.engine.checkpoint import CHECKPOINT_FORMAT, get_rng_state, load_checkpoint, save_checkpoint, set_rng_state
 from dcnv2.engine.config import ModelSpec, TrainConfig
+from dcnv2.engine.timekeeping import IterationPlanner
 
 __all__ = ["train", "NonFiniteLossError", "SeededSamples", "ResumableBatchSampler", "build_optimizer",
            "LAST_CHECKPOINT", "FINAL_MODEL", "LOG_FILE"]
@@ -222,8 +223,9 @@ def train(
     optimizer = build_optimizer(model, config)
     iters_per_epoch = ResumableBatchSampler.batches_per_epoch(len(dataset), config.batch_size, world)
     total = config.total_iters(iters_per_epoch)
+    planner: Optional[IterationPlanner] = None  # set below when the run has a time budget
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda it: config.lr_factor(it, iters_per_epoch))
+        optimizer, lambda it: config.lr_factor(it, iters_per_epoch, total=planner.total if planner else None))
     use_scaler = config.amp and device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda") if use_scaler else None
     amp_dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
@@ -252,6 +254,13 @@ def train(
         if start >= total:
             warnings.warn(f"{path} is at iteration {start}, the schedule has {total}: nothing to do",
                           stacklevel=2)
+
+    if config.time_budget_s is not None:
+        # the plan is made on rank 0's clock and broadcast, so every rank runs the same number of steps
+        planner = IterationPlanner(config.time_budget_s, max(total, start + 1), start=start, min_iters=start + 1)
+        planned = total
+    else:
+        planned = total
 
     train_model: nn.Module = model
     if distributed:
@@ -311,8 +320,12 @@ def train(
                         grad_norm = float(nn.utils.clip_grad_norm_(model.parameters(), config.clip_grad_norm))
                     optimizer.step()
                 lr = optimizer.param_groups[0]["lr"]
-                scheduler.step()
                 it += 1
+                if planner is not None:
+                    total = D.broadcast_int(planner.step_done(it))
+                    if bar is not None and bar.total != total:
+                        bar.total = total
+                scheduler.step()
                 loss_value = values["loss"]
 
                 elapsed = time.perf_counter() - t_start
@@ -351,5 +364,6 @@ def train(
         except Exception as exc:  # a plot must never fail a finished run
             warnings.warn(f"could not plot the loss curve: {exc}", stacklevel=2)
     D.barrier()
-    return {"iteration": it, "loss": loss_value, "checkpoint": ckpt_path if main else None,
+    return {"iteration": it, "planned_iterations": planned, "loss": loss_value,
+            "checkpoint": ckpt_path if main else None,
             "final_model": final, "log": out / LOG_FILE if main else None}
