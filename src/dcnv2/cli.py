@@ -12,7 +12,7 @@ import sys
 from typing import List, Optional
 
 # Order shown in --help. A module listed here that does not exist yet is skipped.
-COMMANDS = ("demo", "tour", "data", "train", "eval", "predict", "params", "analyze", "export", "bench")
+COMMANDS = ("demo", "tour", "data", "train", "eval", "train_cls", "predict", "params", "analyze", "export", "bench")
 
 
 def build_parser() -> argparse.ArgumentParser:
