@@ -124,7 +124,7 @@ class TrainConfig:
 class ModelSpec:
     """What it takes to rebuild a detector from a checkpoint alone (``eval`` and ``predict`` do).
 
-    ``arch`` names a builder in :mod:`dcnv2.models` (``faster_rcnn``, ``mask_rcnn`` or ``classifier``); ``kwargs`` are
+    ``arch`` names a builder in :mod:`dcnv2.models` (``faster_rcnn``, ``mask_rcnn``, ``classifier`` or ``segmenter``); ``kwargs`` are
     passed through to it (and on to torchvision's FasterRCNN/MaskRCNN: rpn_*, box_*, ...).
     ``label_to_category_id`` maps the model's contiguous labels 1..K to the data set's category ids.
     """
@@ -139,6 +139,9 @@ class ModelSpec:
     min_size: int = 800
     max_size: int = 1333
     kwargs: Dict[str, Any] = field(default_factory=dict)
+    # how the backbone was initialised (dcnv2.models.transfer.TransferReport.to_dict()); a record, never
+    # used to rebuild the model
+    backbone_init: Dict[str, Any] = field(default_factory=dict)
 
     @property
     def has_masks(self) -> bool:
@@ -179,9 +182,13 @@ def build_model(spec: ModelSpec, *, inference: bool = False):
     if spec.arch == "classifier":  # dcnv2.models.classification; fpn/min_size/max_size do not apply
         return models.classifier(preset=spec.preset, backbone=spec.backbone, num_classes=spec.num_classes,
                                  **spec.kwargs)
+    if spec.arch == "segmenter":  # dcnv2.models.segmentation; fpn does not apply
+        return models.segmenter(preset=spec.preset, backbone=spec.backbone, num_classes=spec.num_classes,
+                                min_size=spec.min_size, max_size=spec.max_size, **spec.kwargs)
     builders = {"faster_rcnn": models.faster_rcnn, "mask_rcnn": models.mask_rcnn}
     if spec.arch not in builders:
-        raise ValueError(f"ModelSpec.arch must be one of {sorted(builders) + ['classifier']}, got {spec.arch!r}")
+        raise ValueError(f"ModelSpec.arch must be one of {sorted(builders) + ['classifier', 'segmenter']}, "
+                         f"got {spec.arch!r}")
     model = builders[spec.arch](preset=spec.preset, backbone=spec.backbone, num_classes=spec.num_classes,
                                 fpn=spec.fpn, min_size=spec.min_size, max_size=spec.max_size, **spec.kwargs)
     return models.strip_mimicking(model) if inference else model
