@@ -6,7 +6,7 @@ import argparse
 
 def add_parser(sub) -> None:
     p = sub.add_parser(
-        "eval", help="COCO AP (bbox, and segm for Mask R-CNN) of a checkpoint",
+        "eval", help="COCO AP (bbox, and segm for Mask R-CNN) of a checkpoint, mIoU of a segmenter's",
         description="Rebuild the detector from its checkpoint, run it over a split, score it with pycocotools "
                     "COCOeval, print the AP table and write metrics.json + results.json.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -38,6 +38,13 @@ def run(args) -> int:
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model, spec = load_model(args.checkpoint, device=device)
+    if spec.arch == "segmenter":  # mIoU on the instance masks as semantic labels
+        from dcnv2.engine.segmentation import print_segmentation_eval
+
+        out_dir = Path(args.out) if args.out else Path(args.checkpoint).resolve().parent / f"eval_{args.split}"
+        print_segmentation_eval(model, spec, args.data, args.split, device=device, progress=not args.no_progress,
+                                out_dir=out_dir)
+        return 0
     dataset = load_dataset(args.data, args.split, train=False, with_masks=spec.has_masks)
     _check_categories(spec, dataset)
     out_dir = Path(args.out) if args.out else Path(args.checkpoint).resolve().parent / f"eval_{args.split}"

@@ -25,10 +25,21 @@ def add_parser(sub) -> None:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     g = p.add_argument_group("model")
     g.add_argument("--preset", default="regular", help="model preset (see dcnv2.models.presets.PRESETS)")
-    g.add_argument("--arch", choices=["faster_rcnn", "mask_rcnn"], default="faster_rcnn")
+    g.add_argument("--arch", choices=["faster_rcnn", "mask_rcnn", "segmenter"], default="faster_rcnn",
+                   help="segmenter: DeepLabV3 head (--model-arg head=fcn for FCN) on the preset's DCN ResNet, "
+                        "trained on the instance masks as semantic labels")
     g.add_argument("--backbone", default="resnet50", help="resnet18/34/50/101, resnext101_32x4d ...")
     g.add_argument("--fpn", action="store_true", help="FPN variant instead of the paper's conv4/conv5 head")
-    g.add_argument("--weights-backbone", default=None, help="path to backbone weights (state dict)")
+    g.add_argument("--weights-backbone", default=None,
+                   help="backbone initialisation: a dcnv2 classification checkpoint (model_final.pth of a "
+                        "classifier, offset/mask convs included: see --offsets, --strict), or a torchvision ResNet "
+                        "state dict (offset convs start at zero, BatchNorm frozen)")
+    g.add_argument("--offsets", choices=["pretrained", "zero"], default=None,
+                   help="with a classification checkpoint: keep its offset/mask convs (default) or re-zero them "
+                        "(offsets 0, masks 0.5), the paper's Table 7 comparison")
+    g.add_argument("--strict", type=_bool, default=None, metavar="true|false",
+                   help="with a classification checkpoint: refuse any trunk mismatch listing the keys (default "
+                        "true), or load what matches and report what stays at its initial value")
     g.add_argument("--min-size", type=int, default=800, help="test shorter side (and training side unless --train-sizes)")
     g.add_argument("--max-size", type=int, default=1333, help="longer-side cap")
     g.add_argument("--train-sizes", type=int, nargs="+", default=None, help="multi-scale training shorter sides")
@@ -82,19 +93,27 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
+    from pathlib import Path
+
     import torch
 
     from dcnv2.engine import ModelSpec, TrainConfig, build_model, evaluate, format_ap_table, train
     from dcnv2.engine import distributed as D
     from dcnv2.engine.datasets import load_dataset
 
-    dataset = load_dataset(args.data, args.split, train=True, with_masks=args.arch == "mask_rcnn",
-                           flip=not args.no_flip)
+    if args.arch == "segmenter":
+        from dcnv2.data.semantic import load_semantic_split
+
+        dataset = load_semantic_split(args.data, args.split, train=True, flip=not args.no_flip)
+    else:
+        dataset = load_dataset(args.data, args.split, train=True, with_masks=args.arch == "mask_rcnn",
+                               flip=not args.no_flip)
     spec = ModelSpec(arch=args.arch, preset=args.preset, backbone=args.backbone, fpn=args.fpn,
                      num_classes=dataset.num_classes, class_names=list(dataset.class_names),
                      label_to_category_id=dict(dataset.label_to_category_id), min_size=args.min_size,
                      max_size=args.max_size, kwargs=dict(args.model_arg))
-    if args.weights_backbone:
+    transfer = _transfer_options(args)
+    if args.weights_backbone and transfer is None:
         spec.kwargs["weights_backbone"] = args.weights_backbone
     mimic = mimic_options(args)
     if mimic:
@@ -108,6 +127,17 @@ def run(args) -> int:
         progress=not args.no_progress, find_unused_parameters=args.find_unused_parameters)
     torch.manual_seed(args.seed)  # identical initial weights on every rank (DDP broadcasts rank 0's anyway)
     model = build_model(spec)
+    if transfer is not None and not args.resume:  # a resumed run takes every weight from its checkpoint
+        from dcnv2.models.transfer import load_backbone_checkpoint
+
+        report = load_backbone_checkpoint(model, args.weights_backbone, **transfer)
+        spec.backbone_init = report.to_dict()  # recorded in config.json and every checkpoint
+        if D.is_main_process():
+            print(report.summary())
+    elif transfer is not None:  # resumed: keep the first run's record of the initialisation
+        previous = Path(args.out) / "config.json"
+        if previous.is_file():
+            spec.backbone_init = (json.loads(previous.read_text()).get("model") or {}).get("backbone_init") or {}
     if args.train_sizes:
         model.transform.min_size = tuple(args.train_sizes)  # torchvision picks one per batch while training
     try:
@@ -115,7 +145,13 @@ def run(args) -> int:
         if D.is_main_process():
             print(f"trained {result['iteration']} iterations, last loss {result['loss']:.4f}; "
                   f"model: {result['final_model']}, log: {result['log']}")
-            if args.eval_split:
+            if args.eval_split and spec.arch == "segmenter":
+                from dcnv2.engine.segmentation import print_segmentation_eval
+
+                model.transform.min_size = (args.min_size,)
+                print_segmentation_eval(model, spec, args.data, args.eval_split, progress=not args.no_progress,
+                                        out_dir=f"{args.out}/eval_{args.eval_split}")
+            elif args.eval_split:
                 model.transform.min_size = (args.min_size,)
                 val = load_dataset(args.data, args.eval_split, train=False, with_masks=spec.has_masks)
                 out = evaluate(model, val, label_to_category_id=spec.label_to_category_id,
@@ -124,6 +160,34 @@ def run(args) -> int:
     finally:
         D.cleanup_distributed()
     return 0
+
+
+def _bool(text: str) -> bool:
+    value = text.strip().lower()
+    if value in ("true", "1", "yes"):
+        return True
+    if value in ("false", "0", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def _transfer_options(args):
+    """``{"offsets", "strict"}`` when --weights-backbone is a dcnv2 checkpoint (a classifier's), else None;
+    --offsets / --strict only apply to such a checkpoint."""
+    from dcnv2.models.transfer import is_dcnv2_checkpoint
+
+    given = [f"--{n}" for n in ("offsets", "strict") if getattr(args, n) is not None]
+    if not args.weights_backbone:
+        if given:
+            raise ValueError(f"{' and '.join(given)} need --weights-backbone CLS_CKPT")
+        return None
+    if not is_dcnv2_checkpoint(args.weights_backbone):
+        if given:
+            raise ValueError(f"{' and '.join(given)} apply to a dcnv2 classification checkpoint; "
+                             f"{args.weights_backbone} is not one (a torchvision state dict or weights name "
+                             "loads with zero offsets)")
+        return None
+    return {"offsets": args.offsets or "pretrained", "strict": True if args.strict is None else args.strict}
 
 
 def mimic_options(args) -> dict:

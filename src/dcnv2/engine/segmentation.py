@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 __all__ = ["IGNORE_INDEX", "confusion_matrix", "segmentation_metrics", "evaluate_segmentation",
-           "format_miou_table"]
+           "format_miou_table", "print_segmentation_eval"]
 
 IGNORE_INDEX = 255
 
@@ -126,3 +126,30 @@ def format_miou_table(rows: Dict[str, Dict[str, Any]]) -> str:
         cells += [pct(m["iou"].get(c)) for c in classes]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def print_segmentation_eval(model: nn.Module, spec, data_dir: Union[str, Path], split: str, *,
+                            device: Optional[torch.device] = None, progress: bool = True,
+                            out_dir: Optional[Union[str, Path]] = None) -> Dict[str, Any]:
+    """``dcnv2 eval`` / ``dcnv2 train --eval-split`` for a segmenter: scores ``split`` of a COCO-format folder
+    (instance masks as semantic labels), prints the mIoU table and writes ``metrics.json``,
+    ``confusion.json`` and ``miou_table.md`` to ``out_dir``. Returns the metrics."""
+    from dcnv2.data.semantic import load_semantic_split
+
+    dataset = load_semantic_split(data_dir, split, train=False)
+    if dataset.num_classes != spec.num_classes:
+        raise ValueError(f"the checkpoint segments {spec.num_classes} classes (background included), the data set "
+                         f"{data_dir} split {split!r} has {dataset.num_classes}")
+    names = list(spec.class_names)
+    names = ["background"] + names if len(names) == spec.num_classes - 1 else None
+    result = evaluate_segmentation(model, dataset, num_classes=spec.num_classes, class_names=names, device=device,
+                                   progress=progress, out_dir=out_dir)
+    m = result["metrics"]
+    table = format_miou_table({f"{spec.preset} {spec.backbone} ({spec.min_size} px)": m})
+    print(table)
+    print(f"mIoU {100 * m['mIoU']:.1f}, pixel accuracy {100 * m['pixel_accuracy']:.1f} on {len(dataset)} images "
+          f"({m['pixels']} pixels)" + (f"; written to {out_dir}/{{metrics.json, confusion.json, miou_table.md}}"
+                                        if out_dir is not None else ""))
+    if out_dir is not None:
+        (Path(out_dir) / "miou_table.md").write_text(table + "\n")
+    return m
