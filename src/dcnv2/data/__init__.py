@@ -6,10 +6,11 @@ from __future__ import annotations
 
 import importlib
 
-__all__ = ["AnnotationError", "CocoDetection", "load_split", "collate_fn", "coco", "transforms", "synthetic"]
+__all__ = ["AnnotationError", "CocoDetection", "load_split", "collate_fn", "coco", "transforms", "synthetic",
+           "semantic"]
 
 _FROM_COCO = ("AnnotationError", "CocoDetection", "load_split", "collate_fn")
-_SUBMODULES = ("coco", "transforms", "synthetic")
+_SUBMODULES = ("coco", "transforms", "synthetic", "semantic")
 
 
 def __getattr__(name: str):
