@@ -213,3 +213,22 @@ def test_cli_train_and_eval_segmenter(tiny_set, tmp_path, capsys):
     printed = float(re.search(r"mIoU (\d+\.\d)", out).group(1))
     assert 0.0 <= metrics["mIoU"] <= 1.0 and printed == round(100 * metrics["mIoU"], 1)
     assert metrics["pixels"] == 3 * 48 * 48
+
+
+def test_transform_one_size_per_training_batch_and_padding():
+    from dcnv2.models.segmentation import SegmentationTransform
+
+    t = SegmentationTransform((32, 64), 200).train()
+    labels = [torch.ones(40, 40, dtype=torch.long), torch.full((20, 40), 2)]
+    for seed in range(6):
+        torch.manual_seed(seed)
+        import random
+
+        random.seed(seed)
+        batch, target, sizes = t([torch.rand(3, 40, 40), torch.rand(3, 20, 40)], labels)
+        short = {min(s) for s in sizes}
+        assert len(short) == 1 and short <= {32, 64}  # both images at the same drawn shorter side
+        h, w = sizes[1]
+        assert torch.all(target[1, :h, :w] == 2) and torch.all(target[1, h:] == 255)  # padding ignored
+        assert batch.shape[-2:] == target.shape[-2:] == (max(s[0] for s in sizes), max(s[1] for s in sizes))
+    assert t.eval()([torch.rand(3, 40, 40)])[2] == [(64, 64)]

@@ -54,8 +54,7 @@ class SegmentationTransform(nn.Module):
         self.min_size, self.max_size = sizes, max_size
         self.image_mean, self.image_std = list(image_mean), list(image_std)
 
-    def _size(self, h: int, w: int) -> Tuple[int, int]:
-        size = random.choice(self.min_size) if self.training else self.min_size[-1]
+    def _size(self, h: int, w: int, size: int) -> Tuple[int, int]:
         scale = size / min(h, w)
         if max(h, w) * scale > self.max_size:
             scale = self.max_size / max(h, w)
@@ -68,8 +67,9 @@ class SegmentationTransform(nn.Module):
         mean = torch.tensor(self.image_mean, dtype=images[0].dtype, device=images[0].device)[:, None, None]
         std = torch.tensor(self.image_std, dtype=images[0].dtype, device=images[0].device)[:, None, None]
         resized, maps, sizes = [], [], []
+        size = random.choice(self.min_size) if self.training else self.min_size[-1]  # one per batch
         for i, im in enumerate(images):
-            h, w = self._size(*im.shape[-2:])
+            h, w = self._size(*im.shape[-2:], size)
             x = (im - mean) / std
             if (h, w) != tuple(im.shape[-2:]):
                 x = F.interpolate(x[None], size=(h, w), mode="bilinear", align_corners=False)[0]
