@@ -1,0 +1,310 @@
+"""The paper's Table 6 and Table 7 in miniature: classification pre-training of regular / DCNv1 / DCNv2 ResNets
+on the synthetic classification set, then detection fine-tuned from them with pretrained vs zeroed offsets.
+
+    python benchmarks/pretrain.py --out outputs/pretrain --seeds 0 1              # the default sizes
+    python benchmarks/pretrain.py --out outputs/pretrain --seeds 0 1 --dry-run    # plan + cost estimate only
+    python benchmarks/pretrain.py --out /tmp/p --seeds 0 --cls-epochs 0.2 --det-iters 4 \\
+        --cls-num-train 48 --cls-num-val 24 --det-num-train 16 --det-num-val 8    # a smoke run (~2 min)
+
+Table 6: each classifier preset (``regular``, ``dcnv1`` = DCNv1 conv5, ``dcnv2`` = modulated c3-c5) is trained
+from scratch per seed with ``dcnv2 train-cls``'s recipe (SGD, warm-up, cosine, label smoothing 0.1, offsets at
+0.1x lr) and scored on the val split (top-1 / top-5).
+
+Table 7: every classifier initialises the trunk of the detector with the same deformable layers (regular ->
+``regular``, dcnv1 -> ``dconv-c5``, dcnv2 -> ``mdconv-c3c5-mdpool``; :mod:`dcnv2.models.transfer`), once with
+its learned offset/mask convs (``pretrained``) and once with them reset (``zero``: offsets 0, masks 0.5), and
+the detector is fine-tuned on the synthetic detection set with the demo's recipe (ResNet-FPN Faster R-CNN,
+same iterations for all) and scored with COCO AP. ``--det-scratch`` adds detectors trained from scratch.
+
+A seed fixes the classifier's and the detector's initialisation, data order and augmentation; the data sets
+stay the same. Tables print each seed and the mean ± half the range. Finished runs are reused when the script
+is run again with the same --out (delete a run's directory to redo it). Runs on CPU (or CUDA when present).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Dict, List
+
+CLS_TO_DET = {"regular": "regular", "dcnv1": "dconv-c5", "dcnv2": "mdconv-c3c5-mdpool"}
+
+
+def _args(argv):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--out", default="outputs/pretrain")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    p.add_argument("--backbone", default="resnet18")
+    p.add_argument("--presets", nargs="+", default=list(CLS_TO_DET), choices=list(CLS_TO_DET))
+    p.add_argument("--tasks", nargs="+", default=["cls", "det"], choices=["cls", "det"])
+    p.add_argument("--data-seed", type=int, default=0, help="seed of both synthetic sets")
+    g = p.add_argument_group("classification (Table 6)")
+    g.add_argument("--cls-num-train", type=int, default=2400)
+    g.add_argument("--cls-num-val", type=int, default=600)
+    g.add_argument("--cls-image-size", type=int, default=64)
+    g.add_argument("--cls-epochs", type=float, default=15)
+    g.add_argument("--cls-batch-size", type=int, default=32)
+    g.add_argument("--cls-lr", type=float, default=0.1)
+    g.add_argument("--cls-min-crop-scale", type=float, default=0.35, help="RandomResizedCrop: keep the glyph in view")
+    g = p.add_argument_group("detection (Table 7)")
+    g.add_argument("--det-data", default=None, help="existing synthetic detection set (default: generate under OUT)")
+    g.add_argument("--det-num-train", type=int, default=1600)
+    g.add_argument("--det-num-val", type=int, default=400)
+    g.add_argument("--det-image-size", type=int, default=128)
+    g.add_argument("--det-iters", type=int, default=300, help="fine-tuning iterations per detector (batch 8)")
+    g.add_argument("--det-scratch", action="store_true", help="also train each detector preset from scratch")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+    p.add_argument("--dry-run", action="store_true", help="measure the speed, print the plan and its cost, stop")
+    p.add_argument("--no-progress", action="store_true")
+    return p.parse_args(argv)
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _fmt_s(s: float) -> str:
+    return f"{s / 60:.1f} min" if s >= 90 else f"{s:.0f} s"
+
+
+def _spread(values: List[float]) -> str:
+    if not values:
+        return "-"
+    mean = sum(values) / len(values)
+    return f"{mean:.1f}" if len(values) == 1 else f"{mean:.1f} ± {(max(values) - min(values)) / 2:.1f}"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# speed probes (for the plan printed before anything trains)
+
+
+def _cls_seconds_per_iter(preset, args, num_classes) -> float:
+    import torch
+
+    from dcnv2.models import classifier
+
+    model = classifier(preset, args.backbone, num_classes=num_classes).train()
+    opt = torch.optim.SGD(model.parameters(), lr=1e-6, momentum=0.9)
+    x = torch.randn(args.cls_batch_size, 3, args.cls_image_size, args.cls_image_size)
+    y = torch.randint(0, num_classes, (args.cls_batch_size,))
+    times = []
+    with torch.random.fork_rng(devices=[]):
+        for _ in range(3):
+            t0 = time.perf_counter()
+            loss = model(x, y)["loss_cls"]
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            times.append(time.perf_counter() - t0)
+    return min(times[1:])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# runs
+
+
+def _train_classifier(preset, seed, args, data_dir, run_dir: Path) -> Dict:
+    import torch
+
+    from dcnv2.engine import ModelSpec, TrainConfig, train
+    from dcnv2.engine.classification import collate_train, evaluate_classifier, load_image_folder
+    from dcnv2.engine.train import ResumableBatchSampler
+    from dcnv2.models import classifier
+
+    done = run_dir / "eval_cls_val" / "metrics.json"
+    if done.is_file() and (run_dir / "model_final.pth").is_file():
+        _log(f"classifier {preset} seed {seed}: reusing {run_dir}")
+        return json.loads(done.read_text())
+    train_set = load_image_folder(data_dir, "train", train=True, image_size=args.cls_image_size,
+                                  min_crop_scale=args.cls_min_crop_scale)
+    val_set = load_image_folder(data_dir, "val", train=False, image_size=args.cls_image_size)
+    classes = list(train_set.classes)
+    ipe = ResumableBatchSampler.batches_per_epoch(len(train_set), args.cls_batch_size, 1)
+    spec = ModelSpec(arch="classifier", preset=preset, backbone=args.backbone, num_classes=len(classes),
+                     class_names=classes, min_size=args.cls_image_size, max_size=args.cls_image_size,
+                     kwargs={"label_smoothing": 0.1})
+    config = TrainConfig(out=str(run_dir), epochs=args.cls_epochs, batch_size=args.cls_batch_size, lr=args.cls_lr,
+                         weight_decay=1e-4, warmup_iters=ipe, warmup_factor=0.1, lr_schedule="cosine",
+                         checkpoint_every=max(50, ipe * 5), log_every=10, seed=seed, num_workers=0,
+                         progress=not args.no_progress)
+    torch.manual_seed(seed)
+    model = classifier(preset, args.backbone, num_classes=len(classes), label_smoothing=0.1)
+    t0 = time.perf_counter()
+    run = train(model, train_set, config, model_spec=spec, resume=(run_dir / "checkpoint_last.pth").is_file() or None,
+                collate_fn=collate_train)
+    t1 = time.perf_counter()
+    ev = evaluate_classifier(model, val_set, class_names=classes, progress=not args.no_progress,
+                             out_dir=run_dir / "eval_cls_val", title=f"{preset} {args.backbone} seed {seed}")
+    m = ev["metrics"]
+    m["train_s"], m["iterations"] = t1 - t0, int(run["iteration"])
+    done.write_text(json.dumps(m, indent=2))
+    _log(f"classifier {preset} seed {seed}: top-1 {100 * m['top1']:.1f}, top-5 {100 * m['top5']:.1f} "
+         f"({m['iterations']} iterations in {_fmt_s(t1 - t0)})")
+    return m
+
+
+def _train_detector(det_preset, init, offsets, seed, args, train_set, val_set, run_dir: Path) -> Dict:
+    """``init``: a classifier checkpoint, or None (from scratch)."""
+    import torch
+
+    from dcnv2 import data
+    from dcnv2.engine import build_model, evaluate, train
+    from dcnv2.engine.recipes import SyntheticRecipe
+    from dcnv2.engine.train import ResumableBatchSampler
+    from dcnv2.models.transfer import load_backbone_checkpoint
+
+    done = run_dir / "result.json"
+    if done.is_file():
+        _log(f"detector {run_dir.name}: reusing {run_dir}")
+        return json.loads(done.read_text())
+    recipe = SyntheticRecipe(image_size=args.det_image_size, backbone=args.backbone)
+    spec = recipe.model_spec(det_preset, train_set)
+    torch.manual_seed(seed)
+    model = build_model(spec)
+    if init is not None:
+        report = load_backbone_checkpoint(model, init, offsets=offsets, strict=True)
+        spec.backbone_init = report.to_dict()
+    ipe = ResumableBatchSampler.batches_per_epoch(len(train_set), recipe.batch_size, 1)
+    config = recipe.train_config(str(run_dir), args.det_iters, ipe, seed=seed, progress=not args.no_progress)
+    t0 = time.perf_counter()
+    train(model, train_set, config, model_spec=spec, collate_fn=data.collate_fn)
+    t1 = time.perf_counter()
+    ev = evaluate(model, val_set, label_to_category_id=spec.label_to_category_id, progress=not args.no_progress,
+                  out_dir=run_dir / "eval_val")
+    bbox = {k: float(v) for k, v in ev["metrics"]["bbox"].items()}
+    result = {"bbox": bbox, "train_s": t1 - t0, "iterations": args.det_iters}
+    done.write_text(json.dumps(result, indent=2))
+    _log(f"detector {run_dir.name}: AP {100 * bbox['AP']:.1f}, AP50 {100 * bbox['AP50']:.1f} "
+         f"(trained in {_fmt_s(t1 - t0)})")
+    return result
+
+
+def _det_runs(args):
+    """(name, detector preset, classifier preset or None, offsets) of every detector run per seed."""
+    runs = []
+    for preset in args.presets:
+        det = CLS_TO_DET[preset]
+        if args.det_scratch:
+            runs.append((f"{det}-scratch", det, None, "zero"))
+        for offsets in (("pretrained",) if preset == "regular" else ("pretrained", "zero")):
+            runs.append((f"{det}-from-{preset}-{offsets}", det, preset, offsets))
+    return runs
+
+
+# ---------------------------------------------------------------------------------------------------------
+
+
+def main(argv=None) -> int:
+    args = _args(argv)
+    import torch
+
+    torch.set_num_threads(args.threads or os.cpu_count() or 1)
+    from dcnv2.data import synthetic_cls
+    from dcnv2.engine.classification import load_image_folder
+    from dcnv2.engine.train import ResumableBatchSampler
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    t_start = time.perf_counter()
+
+    cls_data = out / "cls_data"
+    params = {"seed": args.data_seed, "num_train": args.cls_num_train, "num_val": args.cls_num_val,
+              "image_size": args.cls_image_size}
+    stamp = cls_data / "params.json"
+    if not (stamp.is_file() and json.loads(stamp.read_text()) == params):
+        synthetic_cls.generate(cls_data, overwrite=True, progress=not args.no_progress, **params)
+        stamp.write_text(json.dumps(params))
+    num_classes = len(load_image_folder(cls_data, "train", train=False, image_size=args.cls_image_size).classes)
+
+    det_train = det_val = None
+    if "det" in args.tasks:
+        from dcnv2.engine.datasets import load_dataset
+        from dcnv2.engine.demo import ensure_synthetic_data
+
+        det_dir = Path(args.det_data) if args.det_data else ensure_synthetic_data(
+            out / "det_data", seed=args.data_seed, num_train=args.det_num_train, num_val=args.det_num_val,
+            image_size=args.det_image_size, log=_log)
+        det_train = load_dataset(det_dir, "train", train=True, with_masks=False)
+        det_val = load_dataset(det_dir, "val", train=False, with_masks=False)
+
+    # the plan and its cost, from a few timed steps of every model on this machine
+    cls_ipe = ResumableBatchSampler.batches_per_epoch(args.cls_num_train, args.cls_batch_size, 1)
+    cls_iters = max(1, int(args.cls_epochs * cls_ipe + 0.999))
+    est = 0.0
+    _log(f"plan ({torch.get_num_threads()} threads), seeds {args.seeds}:")
+    for preset in args.presets:
+        s = _cls_seconds_per_iter(preset, args, num_classes)
+        est += len(args.seeds) * s * cls_iters
+        _log(f"  classifier {preset:>8}: {cls_iters} iterations x {s:.2f} s = {_fmt_s(s * cls_iters)} per seed")
+    if "det" in args.tasks:
+        from dcnv2.engine import build_model
+        from dcnv2.engine.recipes import SyntheticRecipe, seconds_per_image_eval, seconds_per_iteration
+
+        recipe = SyntheticRecipe(image_size=args.det_image_size, backbone=args.backbone)
+        speed = {}
+        for _, det, _, _ in _det_runs(args):
+            if det not in speed:
+                model = build_model(recipe.model_spec(det, det_train))
+                speed[det] = (seconds_per_iteration(model, det_train, recipe.batch_size),
+                              seconds_per_image_eval(model, det_val))
+        for name, det, _, _ in _det_runs(args):
+            s, e = speed[det]
+            cost = s * args.det_iters + e * len(det_val) * 1.15 + 5
+            est += len(args.seeds) * cost
+            _log(f"  detector {name:>40}: {args.det_iters} iterations x {s:.2f} s + eval = {_fmt_s(cost)} per seed")
+    _log(f"  expected total: ~{_fmt_s(est)} (a shared machine runs slower; finished runs are reused on a rerun)")
+    if args.dry_run:
+        return 0
+
+    cls_results: Dict[str, Dict[int, Dict]] = {p: {} for p in args.presets}
+    det_results: Dict[str, Dict[int, Dict]] = {}
+    for seed in args.seeds:
+        for preset in args.presets:
+            cls_results[preset][seed] = _train_classifier(preset, seed, args, cls_data,
+                                                          out / "cls" / f"seed{seed}" / preset)
+        if "det" in args.tasks:
+            for name, det, preset, offsets in _det_runs(args):
+                init = None if preset is None else out / "cls" / f"seed{seed}" / preset / "model_final.pth"
+                det_results.setdefault(name, {})[seed] = _train_detector(
+                    det, init, offsets, seed, args, det_train, det_val, out / "det" / f"seed{seed}" / name)
+
+    seeds = args.seeds
+    lines = [f"Table 6 in miniature: {args.backbone} classifiers from scratch on the synthetic classification set "
+             f"({args.cls_num_train} train / {args.cls_num_val} val images, {num_classes} classes, "
+             f"{args.cls_image_size} px), {cls_iters} iterations x batch {args.cls_batch_size}, "
+             f"{torch.get_num_threads()} CPU threads; top-1 / top-5 accuracy (%), seeds {seeds}.", "",
+             "| classifier | " + " | ".join(f"top-1 s{s}" for s in seeds) + " | top-1 mean ± half range | top-5 mean |",
+             "|---|" + "---:|" * (len(seeds) + 2)]
+    for preset, per_seed in cls_results.items():
+        top1 = [100 * per_seed[s]["top1"] for s in seeds]
+        top5 = [100 * per_seed[s]["top5"] for s in seeds]
+        lines.append(f"| {preset} | " + " | ".join(f"{v:.1f}" for v in top1) + f" | {_spread(top1)} | {_spread(top5)} |")
+    if det_results:
+        lines += ["", f"Table 7 in miniature: {args.backbone}-FPN Faster R-CNN on the synthetic detection set "
+                  f"({len(det_train)} train / {len(det_val)} val images, {args.det_image_size} px), fine-tuned "
+                  f"{args.det_iters} iterations x batch 8 from each classifier (its seed's) with its offset/mask "
+                  f"convs pretrained or zeroed; COCO bbox AP (%).", "",
+                  "| detector | init | offsets | " + " | ".join(f"AP s{s}" for s in seeds) +
+                  " | AP mean ± half range | AP50 mean ± half range |",
+                  "|---|---|---|" + "---:|" * (len(seeds) + 2)]
+        for name, det, preset, offsets in _det_runs(args):
+            per_seed = det_results[name]
+            ap = [100 * per_seed[s]["bbox"]["AP"] for s in seeds]
+            ap50 = [100 * per_seed[s]["bbox"]["AP50"] for s in seeds]
+            lines.append(f"| {det} | {preset or 'scratch'} | {offsets if preset not in (None, 'regular') else '-'} | "
+                         + " | ".join(f"{v:.1f}" for v in ap) + f" | {_spread(ap)} | {_spread(ap50)} |")
+    lines += ["", f"Total wall time {_fmt_s(time.perf_counter() - t_start)} (runs reused from an earlier call "
+              "count as 0). The machine is shared with other jobs: times are indicative only."]
+    table = "\n".join(lines)
+    print(table)
+    (out / "pretrain.md").write_text(table + "\n")
+    (out / "results.json").write_text(json.dumps({"args": vars(args), "classification": cls_results,
+                                                  "detection": det_results}, indent=2, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
