@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import random
 import re
 
 import pytest
@@ -221,9 +222,6 @@ def test_transform_one_size_per_training_batch_and_padding():
     t = SegmentationTransform((32, 64), 200).train()
     labels = [torch.ones(40, 40, dtype=torch.long), torch.full((20, 40), 2)]
     for seed in range(6):
-        torch.manual_seed(seed)
-        import random
-
         random.seed(seed)
         batch, target, sizes = t([torch.rand(3, 40, 40), torch.rand(3, 20, 40)], labels)
         short = {min(s) for s in sizes}
