@@ -92,3 +92,17 @@ def test_loss_curve_plot(tmp_path):
     assert len(read_log(log)) == 5
     out = plot_loss_curves({"run": log}, tmp_path / "loss.png")
     assert read_image(out).shape[0] == 3
+
+
+def test_moving_average_and_smoothed_loss_plot(tmp_path):
+    from dcnv2.engine.plots import moving_average
+
+    assert moving_average([1.0, 3.0, 5.0, 7.0], 2).tolist() == [1.0, 2.0, 4.0, 6.0]
+    assert moving_average([2.0, 4.0], 1).tolist() == [2.0, 4.0]
+    log = tmp_path / "log.jsonl"
+    g = torch.Generator().manual_seed(0)
+    noisy = (torch.linspace(2, 0.5, 60) + 0.3 * torch.rand(60, generator=g)).tolist()
+    log.write_text("\n".join(json.dumps({"iter": i + 1, "loss": v}) for i, v in enumerate(noisy)) + "\n")
+    raw = plot_loss_curves({"run": log}, tmp_path / "raw.png", smooth=1)
+    smoothed = plot_loss_curves({"run": log}, tmp_path / "smooth.png")
+    assert not torch.equal(read_image(raw), read_image(smoothed))  # the average is drawn over the faint values

@@ -8,7 +8,7 @@ from typing import Callable, Dict, List, Mapping, Optional, Sequence, Union
 import numpy as np
 import torch
 
-__all__ = ["read_log", "plot_loss_curves", "draw_detections", "save_detections"]
+__all__ = ["read_log", "moving_average", "plot_loss_curves", "draw_detections", "save_detections"]
 
 
 def _pyplot():
@@ -33,12 +33,26 @@ def read_log(path: Union[str, Path]) -> List[dict]:
     return records
 
 
-def plot_loss_curves(runs: Mapping[str, Union[str, Path]], out: Union[str, Path], *, components: bool = True) -> Path:
-    """Total loss (and, with ``components``, each loss term) against iteration, one line per run.
+def moving_average(values: Sequence[float], window: int) -> np.ndarray:
+    """Trailing mean over the last ``window`` values (fewer at the start), same length as ``values``."""
+    v = np.asarray(values, dtype=np.float64)
+    if window <= 1 or len(v) == 0:
+        return v
+    c = np.cumsum(np.insert(v, 0, 0.0))
+    idx = np.arange(1, len(v) + 1)
+    lo = np.maximum(0, idx - window)
+    return (c[idx] - c[lo]) / (idx - lo)
+
+
+def plot_loss_curves(runs: Mapping[str, Union[str, Path]], out: Union[str, Path], *, components: bool = True,
+                     smooth: Optional[int] = None) -> Path:
+    """Total loss (and, with ``components``, each loss term) against iteration, one colour per run: the
+    logged values faint, their moving average on top.
 
     Args:
         runs: ``{label: path to log.jsonl}``.
         out: PNG to write.
+        smooth: moving-average window in log records; default about 1/15 of the longest log; 1 = raw only.
     """
     plt = _pyplot()
     logs = {name: read_log(p) for name, p in runs.items()}
@@ -47,12 +61,20 @@ def plot_loss_curves(runs: Mapping[str, Union[str, Path]], out: Union[str, Path]
     cols = min(n, 3)
     rows = (n + cols - 1) // cols
     fig, axes = plt.subplots(rows, cols, figsize=(4.5 * cols, 3.3 * rows), squeeze=False)
+    if smooth is None:
+        smooth = max(1, max((len(r) for r in logs.values()), default=0) // 15)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for ax, key in zip(axes.flat, ["loss"] + keys):
-        for name, recs in logs.items():
-            pts = [(r["iter"], r[key]) for r in recs if key in r]
+        for i, (name, recs) in enumerate(logs.items()):
+            pts = [(r["iter"], r[key]) for r in recs if key in r and r[key] is not None and np.isfinite(r[key])]
             if pts:
                 x, y = zip(*pts)
-                ax.plot(x, y, label=name, lw=1.2)
+                color = colors[i % len(colors)]
+                if smooth > 1:
+                    ax.plot(x, y, color=color, lw=0.8, alpha=0.25)
+                    ax.plot(x, moving_average(y, smooth), color=color, lw=1.6, label=name)
+                else:
+                    ax.plot(x, y, color=color, lw=1.2, label=name)
         ax.set_title(key)
         ax.set_xlabel("iteration")
         ax.set_yscale("log" if key == "loss" and any(recs for recs in logs.values()) else "linear")
