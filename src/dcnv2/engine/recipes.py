@@ -38,6 +38,14 @@ class SyntheticRecipe:
     warmup_iters: int = 50
     lr_steps: Sequence[float] = (0.75,)      # fraction of the schedule at which the lr decays ×0.1
     clip_grad_norm: Optional[float] = 10.0   # from-scratch training: tame the first iterations' gradients
+    # backbone pre-training on object crops of the training set (dcnv2.engine.pretrain), offsets included,
+    # before the detector trains: `pretrain_fraction` of each model's time when the run is time-budgeted,
+    # `pretrain_iters` iterations when the detector's iterations are fixed; 0 = from scratch
+    pretrain_fraction: float = 0.0
+    pretrain_iters: int = 0
+    pretrain_crop_size: int = 48
+    pretrain_batch_size: int = 64
+    pretrain_lr: float = 2e-3
     model_kwargs: Dict[str, Any] = field(default_factory=lambda: dict(
         rpn_pre_nms_top_n_train=600, rpn_post_nms_top_n_train=300,
         rpn_pre_nms_top_n_test=300, rpn_post_nms_top_n_test=150,
