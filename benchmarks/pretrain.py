@@ -7,8 +7,8 @@ on the synthetic classification set, then detection fine-tuned from them with pr
         --cls-num-train 48 --cls-num-val 24 --det-num-train 16 --det-num-val 8    # a smoke run (~2 min)
 
 Table 6: each classifier preset (``regular``, ``dcnv1`` = DCNv1 conv5, ``dcnv2`` = modulated c3-c5) is trained
-from scratch per seed with ``dcnv2 train-cls``'s recipe (SGD, warm-up, cosine, label smoothing 0.1, offsets at
-0.1x lr) and scored on the val split (top-1 / top-5).
+from scratch per seed with ``dcnv2 train-cls``'s recipe (warm-up, cosine, label smoothing 0.1, offsets at 0.1x
+lr; AdamW by default here, which learns faster than SGD in such short runs) and scored on the val split.
 
 Table 7: every classifier initialises the trunk of the detector with the same deformable layers (regular ->
 ``regular``, dcnv1 -> ``dconv-c5``, dcnv2 -> ``mdconv-c3c5-mdpool``; :mod:`dcnv2.models.transfer`), once with
@@ -47,7 +47,11 @@ def _args(argv):
     g.add_argument("--cls-image-size", type=int, default=64)
     g.add_argument("--cls-epochs", type=float, default=15)
     g.add_argument("--cls-batch-size", type=int, default=32)
-    g.add_argument("--cls-lr", type=float, default=0.1)
+    # AdamW, not train-cls's SGD default: from scratch, 1,200 images, 228 iterations of ResNet-18, AdamW 1e-3
+    # reached top-1 20.0 where SGD 0.1 reached 10.7 (chance: 8.3; one seed, same data and schedule)
+    g.add_argument("--cls-optimizer", choices=["sgd", "adamw"], default="adamw")
+    g.add_argument("--cls-lr", type=float, default=1e-3)
+    g.add_argument("--cls-weight-decay", type=float, default=0.05)
     g.add_argument("--cls-min-crop-scale", type=float, default=0.35, help="RandomResizedCrop: keep the glyph in view")
     g = p.add_argument_group("detection (Table 7)")
     g.add_argument("--det-data", default=None, help="existing synthetic detection set (default: generate under OUT)")
@@ -92,7 +96,7 @@ def _cls_seconds_per_iter(preset, args, num_classes) -> float:
     y = torch.randint(0, num_classes, (args.cls_batch_size,))
     times = []
     with torch.random.fork_rng(devices=[]):
-        for _ in range(3):
+        for _ in range(6):  # the fastest of 5 (after a warm-up step): a neighbour's burst must not set the plan
             t0 = time.perf_counter()
             loss = model(x, y)["loss_cls"]
             opt.zero_grad()
@@ -127,7 +131,7 @@ def _train_classifier(preset, seed, args, data_dir, run_dir: Path) -> Dict:
                      class_names=classes, min_size=args.cls_image_size, max_size=args.cls_image_size,
                      kwargs={"label_smoothing": 0.1})
     config = TrainConfig(out=str(run_dir), epochs=args.cls_epochs, batch_size=args.cls_batch_size, lr=args.cls_lr,
-                         weight_decay=1e-4, warmup_iters=ipe, warmup_factor=0.1, lr_schedule="cosine",
+                         optimizer=args.cls_optimizer, weight_decay=args.cls_weight_decay, warmup_iters=ipe, warmup_factor=0.1, lr_schedule="cosine",
                          checkpoint_every=max(50, ipe * 5), log_every=10, seed=seed, num_workers=0,
                          progress=not args.no_progress)
     torch.manual_seed(seed)
@@ -274,7 +278,8 @@ def main(argv=None) -> int:
     seeds = args.seeds
     lines = [f"Table 6 in miniature: {args.backbone} classifiers from scratch on the synthetic classification set "
              f"({args.cls_num_train} train / {args.cls_num_val} val images, {num_classes} classes, "
-             f"{args.cls_image_size} px), {cls_iters} iterations x batch {args.cls_batch_size}, "
+             f"{args.cls_image_size} px), {cls_iters} iterations x batch {args.cls_batch_size}, {args.cls_optimizer} lr "
+             f"{args.cls_lr:g} (warm-up 1 epoch, cosine, label smoothing 0.1), "
              f"{torch.get_num_threads()} CPU threads; top-1 / top-5 accuracy (%), seeds {seeds}.", "",
              "| classifier | " + " | ".join(f"top-1 s{s}" for s in seeds) + " | top-1 mean ± half range | top-5 mean |",
              "|---|" + "---:|" * (len(seeds) + 2)]
