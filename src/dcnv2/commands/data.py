@@ -25,6 +25,14 @@ def add_parser(sub) -> None:
     s.add_argument("--image-size", type=int, default=128)
     s.add_argument("--min-objects", type=int, default=1)
     s.add_argument("--max-objects", type=int, default=4)
+    s.add_argument("--classes", nargs="+", default=None, help="a subset of the 12 classes (default: all)")
+    s.add_argument("--min-scale", type=float, default=0.08, help="smallest object extent / image side")
+    s.add_argument("--max-scale", type=float, default=0.8, help="largest object extent / image side")
+    s.add_argument("--clutter-lines", type=int, nargs=2, default=(2, 6), metavar=("MIN", "MAX"))
+    s.add_argument("--occluding-strokes", type=int, nargs=2, default=(0, 2), metavar=("MIN", "MAX"))
+    s.add_argument("--demo-difficulty", action="store_true",
+                   help="the settings `dcnv2 demo` uses (6 classes, objects 20-70%% of the side, up to 3, lighter "
+                        "clutter); overrides the options above")
     s.add_argument("--no-preview", action="store_true", help="skip writing DIR/preview.png")
     s.add_argument("--no-progress", action="store_true")
     s.set_defaults(func=run_synth)
@@ -64,12 +72,22 @@ def run_synth(args) -> int:
 
     from dcnv2.data import synthetic
 
+    config = dict(min_objects=args.min_objects, max_objects=args.max_objects, classes=args.classes,
+                  min_scale=args.min_scale, max_scale=args.max_scale, clutter_lines=tuple(args.clutter_lines),
+                  occluding_strokes=tuple(args.occluding_strokes))
+    if args.demo_difficulty:
+        from dcnv2.engine.demo import DEMO_DATA
+
+        config.update(DEMO_DATA)
     t0 = time.perf_counter()
-    written = synthetic.generate(args.out, seed=args.seed, num_train=args.num_train, num_val=args.num_val,
-                                 image_size=args.image_size, min_objects=args.min_objects,
-                                 max_objects=args.max_objects, progress=not args.no_progress)
+    try:
+        written = synthetic.generate(args.out, seed=args.seed, num_train=args.num_train, num_val=args.num_val,
+                                     image_size=args.image_size, progress=not args.no_progress, **config)
+    except ValueError as exc:
+        raise SystemExit(f"dcnv2 data synth: {exc}")
+    classes = config["classes"] or synthetic.CLASSES
     print(f"wrote {args.num_train} train + {args.num_val} val images ({args.image_size} px, "
-          f"{len(synthetic.CLASSES)} classes) to {args.out} in {time.perf_counter() - t0:.1f} s")
+          f"{len(classes)} classes) to {args.out} in {time.perf_counter() - t0:.1f} s")
     for split, path in written.items():
         print(f"  {split}: {path}")
     if not args.no_preview and args.num_train > 0:
