@@ -31,7 +31,8 @@ def add_parser(sub) -> None:
                         "the demo's")
     p.add_argument("--classes", nargs="+", default=None, help="override the demo's classes (names from "
                    "`dcnv2 data synth`)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="training seed (initialisation, data order, sampling)")
+    p.add_argument("--data-seed", type=int, default=0, help="seed of the synthetic data set")
     p.add_argument("--num-train", type=int, default=1600, help="synthetic training images")
     p.add_argument("--num-val", type=int, default=400, help="synthetic validation images")
     p.add_argument("--image-size", type=int, default=128)

@@ -13,7 +13,7 @@ import torch
 
 from dcnv2.engine.config import build_model
 from dcnv2.engine.evaluate import evaluate
-from dcnv2.engine.pretrain import pretrain_backbone
+from dcnv2.engine.pretrain import ObjectCrops, pretrain_backbone, seconds_per_crop_iteration
 from dcnv2.engine.recipes import SyntheticRecipe, plan_iterations, seconds_per_image_eval, seconds_per_iteration
 from dcnv2.engine.train import ResumableBatchSampler, train
 from dcnv2.models.flops import count_parameters
@@ -56,16 +56,34 @@ def compare_presets(presets: Sequence[str], train_set, val_set, out_dir, *, reci
     eval_est = {p: spe[p] * len(val_set) * 1.15 + 5 for p in presets}  # + COCOeval, checkpoints
     ipe = ResumableBatchSampler.batches_per_epoch(len(train_set), recipe.batch_size, 1)
     timed = iters is None
+    use_pretrain = (recipe.pretrain_fraction > 0) if timed else (recipe.pretrain_iters > 0)
+    crops = val_crops = None
+    spc = {p: 0.0 for p in presets}  # seconds per crop-classifier iteration
+    pre_iters = 0 if timed else recipe.pretrain_iters
+    if use_pretrain:
+        crops = ObjectCrops(train_set, size=recipe.pretrain_crop_size, jitter=True)
+        val_crops = ObjectCrops(val_set, size=recipe.pretrain_crop_size, jitter=False)
+        if timed:
+            for preset in presets:
+                spc[preset] = seconds_per_crop_iteration(preset, crops, backbone=recipe.backbone,
+                                                         batch_size=recipe.pretrain_batch_size)
+                log(f"  {preset:>22}: {spc[preset]:.2f} s / crop-classifier iteration "
+                    f"(batch {recipe.pretrain_batch_size}, {recipe.pretrain_crop_size} px)")
     if timed:
+        # one schedule for every model - the same pre-training and detector iteration counts - sized so
+        # that all of it fits: pretrain_fraction of the time on crops, the rest on the detectors
         left = budget_s - (time.perf_counter() - t_start) - sum(eval_est.values())
-        iters = plan_iterations(left * (1 - recipe.pretrain_fraction), list(spi.values()), minimum=20)
-        if recipe.pretrain_fraction > 0:
-            log(f"plan: {100 * recipe.pretrain_fraction:.0f}% of each model's training time pre-trains its "
-                "backbone on object crops, the rest trains the detector")
+        f = recipe.pretrain_fraction if use_pretrain else 0.0
+        if use_pretrain:
+            pre_iters = plan_iterations(left * f, list(spc.values()), minimum=10)
+            log(f"plan: {pre_iters} crop-classifier iterations per model x batch {recipe.pretrain_batch_size} "
+                f"(~{_fmt_s(pre_iters * sum(spc.values()))}, {100 * f:.0f}% of the training time) pre-train "
+                "each backbone on object crops, then the detector trains")
+        iters = plan_iterations(left * (1 - f), list(spi.values()), minimum=20)
         log(f"plan: {iters} detector iterations per model x batch {recipe.batch_size} = "
             f"{iters * recipe.batch_size / len(train_set):.1f} epochs of {len(train_set)} images; "
             f"~{_fmt_s(iters * sum(spi.values()))} training + ~{_fmt_s(sum(eval_est.values()))} evaluation. "
-            "Each model re-plans as it trains, to end on time whatever the machine's speed does")
+            "Each phase re-plans as it trains, to end on time whatever the machine's speed does")
     else:
         log(f"schedule: {iters} iterations per model x batch {recipe.batch_size} = "
             f"{iters * recipe.batch_size / len(train_set):.1f} epochs of {len(train_set)} images; "
@@ -73,29 +91,34 @@ def compare_presets(presets: Sequence[str], train_set, val_set, out_dir, *, reci
 
     results: Dict[str, Dict[str, Any]] = {}
     eval_ratio = 1.0  # measured / estimated evaluation time, carried from the models already evaluated
+    # the plan still to run, in seconds at the probed speeds: (preset, phase) -> cost
+    todo = {(p, "pretrain"): pre_iters * spc[p] for p in presets} if use_pretrain else {}
+    todo.update({(p, "detector"): iters * spi[p] for p in presets})
+
+    def time_share(preset: str, phase: str, rest) -> float:
+        """This phase's share of the time left: its planned cost scaled by (time left / plan left), so a
+        machine slower or faster than probed shrinks or stretches every remaining phase alike."""
+        left = budget_s - (time.perf_counter() - t_start) - eval_ratio * sum(eval_est[p] for p in rest)
+        planned_left = sum(todo.values())
+        return max(1.0, left * todo.pop((preset, phase)) / max(planned_left, 1e-9))
+
     for k, preset in enumerate(presets):
         run_dir = out_dir / preset
         overrides: Dict[str, Any] = dict(seed=seed, progress=progress)
         planned = iters
         t_model = time.perf_counter()
-        share = None
-        if timed:
-            # this model's share of the training time left, in proportion to its speed (equal iterations
-            # when the machine keeps its speed); the last model absorbs what the earlier ones over/underran
-            rest = presets[k:]
-            left = budget_s - (time.perf_counter() - t_start) - eval_ratio * sum(eval_est[p] for p in rest)
-            share = max(1.0, left * spi[preset] / sum(spi[p] for p in rest))
         pretrain = None
-        if (recipe.pretrain_fraction > 0) if timed else (recipe.pretrain_iters > 0):
-            pre_budget = share * recipe.pretrain_fraction if timed else None
-            pre_iters = max(10, int(pre_budget / spi[preset])) if timed else recipe.pretrain_iters
-            log(f"{preset}: pre-training its backbone on object crops "
-                + (f"for ~{_fmt_s(pre_budget)}" if timed else f"for {pre_iters} iterations"))
+        if use_pretrain:
+            pre_budget = time_share(preset, "pretrain", presets[k:]) if timed else None
+            pre_planned = max(1, int(pre_budget / spc[preset])) if timed else pre_iters
+            log(f"{preset}: pre-training its backbone on object crops ({pre_planned} iterations"
+                + (f", ~{_fmt_s(pre_budget)})" if timed else ")"))
             torch.manual_seed(seed)
             pretrain = pretrain_backbone(preset, train_set, run_dir / "pretrain", backbone=recipe.backbone,
-                                         val_set=val_set, iterations=pre_iters, time_budget_s=pre_budget,
+                                         iterations=pre_planned, time_budget_s=pre_budget,
                                          crop_size=recipe.pretrain_crop_size, batch_size=recipe.pretrain_batch_size,
-                                         lr=recipe.pretrain_lr, seed=seed, progress=progress)
+                                         lr=recipe.pretrain_lr, seed=seed, progress=progress, crops=crops,
+                                         val_crops=val_crops)
             load_backbone_checkpoint(models[preset], pretrain["checkpoint"], offsets="pretrained")
             note = (f"planned {pretrain['planned_iterations']} iterations, ran {pretrain['iterations']}; "
                     if timed else "")
@@ -103,9 +126,9 @@ def compare_presets(presets: Sequence[str], train_set, val_set, out_dir, *, reci
                 f"({note}{_fmt_s(time.perf_counter() - t_model)}); its trunk, offsets included, initialises "
                 "the detector")
         if timed:
-            share -= time.perf_counter() - t_model
+            share = time_share(preset, "detector", presets[k:])
             planned = max(1, int(share / spi[preset]))
-            overrides["time_budget_s"] = max(1.0, share)
+            overrides["time_budget_s"] = share
         config = recipe.train_config(str(run_dir), planned, ipe, **overrides)
         model = models[preset]
         t0 = time.perf_counter()

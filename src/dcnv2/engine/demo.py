@@ -9,7 +9,7 @@ from typing import Any, Dict
 
 __all__ = ["run_demo", "ensure_synthetic_data", "plot_detection_grid", "DEMO_DATA"]
 
-ANALYSIS_RESERVE_S = 90.0  # `dcnv2.analysis` figure of the trained models (2 models x 3 nodes at 128 px)
+ANALYSIS_RESERVE_S = 30.0  # `dcnv2.analysis` figure of the trained models (2 models x 3 nodes at 128 px: ~11 s)
 
 # The demo's difficulty of the synthetic set (`dcnv2 data synth` and the ablation keep the full one: 12
 # classes, objects 8-80 % of the side, up to 4, more clutter). Six classes that stay distinct under the
@@ -99,8 +99,8 @@ def _summary(results: Dict[str, Dict[str, Any]], out: Path, files: Dict[str, Pat
         lines.append(f"{last} is {'ahead of' if lead >= 0 else 'behind'} {base} by {abs(lead):.1f} AP "
                      f"({ap[last]:.1f} vs {ap[base]:.1f}; AP50 {ap50[last]:.1f} vs {ap50[base]:.1f}) after the same "
                      f"schedule ({results[last]['iterations']} vs {results[base]['iterations']} detector iterations).")
-        lines.append("One run is one seed: the README's demo section gives the spread over 3 seeds of both models "
-                     "(about 1 AP), so a lead smaller than that is not a result.")
+        lines.append("One run is one seed: README.md (\"The demo\") gives both models' mean and spread over 3 "
+                     "seeds; a lead inside that spread is not a result.")
     for name, path in files.items():
         lines.append(f"  {name:<16} {path}")
     return "\n".join(lines)
@@ -129,7 +129,7 @@ def run_demo(args) -> int:
     difficulty = {} if args.full_difficulty else dict(DEMO_DATA)
     if args.classes:
         difficulty["classes"] = tuple(args.classes)
-    data_dir = ensure_synthetic_data(out / "data", seed=args.seed, num_train=args.num_train, num_val=args.num_val,
+    data_dir = ensure_synthetic_data(out / "data", seed=args.data_seed, num_train=args.num_train, num_val=args.num_val,
                                      image_size=args.image_size, **difficulty)
     recipe = SyntheticRecipe(image_size=args.image_size, backbone=args.backbone)
     recipe.pretrain_fraction = args.pretrain_fraction
@@ -141,7 +141,7 @@ def run_demo(args) -> int:
         recipe.lr = args.lr
     train_set = load_dataset(data_dir, "train", train=True, with_masks=recipe.arch == "mask_rcnn")
     val_set = load_dataset(data_dir, "val", train=False, with_masks=True)
-    reserve = 20.0 + ANALYSIS_RESERVE_S  # plots, the final table and the spatial-support analysis figure
+    reserve = 15.0 + ANALYSIS_RESERVE_S  # plots, the final table and the spatial-support analysis figure
     results = compare_presets(args.presets, train_set, val_set, out / "runs", recipe=recipe,
                               budget_s=budget - (time.perf_counter() - t_start) - reserve, iters=args.iters,
                               seed=args.seed, collate_fn=data.collate_fn)

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-__all__ = ["ObjectCrops", "pretrain_backbone", "crop_accuracy"]
+__all__ = ["ObjectCrops", "crop_classifier", "seconds_per_crop_iteration", "pretrain_backbone", "crop_accuracy"]
 
 IMAGE_MEAN = (0.485, 0.456, 0.406)  # the detectors' GeneralizedRCNNTransform normalisation
 IMAGE_STD = (0.229, 0.224, 0.225)
@@ -120,16 +120,60 @@ def crop_accuracy(model, crops: ObjectCrops, batch_size: int = 256) -> float:
     return correct / max(1, len(crops))
 
 
+def crop_classifier(preset: str, backbone: str, num_classes: int):
+    """A classifier with exactly the trunk of detector preset ``preset`` (same deformable stages, layer type
+    and offset groups), and the :class:`dcnv2.engine.ModelSpec` that rebuilds it."""
+    from dcnv2.engine.config import ModelSpec
+    from dcnv2.models import classifier, get_preset
+
+    det = get_preset(preset)
+    stages = tuple(det.deform_stages)
+    kwargs = dict(deform_stages=list(stages), modulated=bool(det.modulated and stages),
+                  offset_groups=det.offset_groups)
+    model = classifier("regular", backbone, num_classes, deform_stages=stages,
+                       modulated=kwargs["modulated"] if stages else None, offset_groups=det.offset_groups)
+    spec = ModelSpec(arch="classifier", preset="regular", backbone=backbone, num_classes=num_classes, kwargs=kwargs)
+    return model, spec
+
+
+def seconds_per_crop_iteration(preset: str, crops: ObjectCrops, *, backbone: str = "resnet18",
+                               batch_size: int = 64, steps: int = 5) -> float:
+    """Median of ``steps`` training steps (after a warm-up) of ``preset``'s crop classifier; the global RNG
+    is left as it was."""
+    import time
+
+    from dcnv2.engine.classification import collate_train
+
+    with torch.random.fork_rng(devices=[]):
+        model, _ = crop_classifier(preset, backbone, crops.num_classes)
+        opt = torch.optim.SGD(model.parameters(), lr=1e-6, momentum=0.9)
+        g = torch.Generator().manual_seed(0)
+        times: List[float] = []
+        for i in range(steps + 1):
+            idx = torch.randint(len(crops), (batch_size,), generator=g).tolist()
+            t0 = time.perf_counter()
+            images, targets = collate_train([crops[j] for j in idx])
+            loss = model(images, targets)["loss_cls"]
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            if i:
+                times.append(time.perf_counter() - t0)
+    return sorted(times)[len(times) // 2]
+
+
 def pretrain_backbone(preset: str, train_set, out: Union[str, Path], *, backbone: str = "resnet18",
                       val_set=None, iterations: int = 200, time_budget_s: Optional[float] = None,
                       crop_size: int = 48, batch_size: int = 64, lr: float = 2e-3, seed: int = 0,
-                      progress: bool = True) -> Dict[str, Any]:
+                      progress: bool = True, crops: Optional[ObjectCrops] = None,
+                      val_crops: Optional[ObjectCrops] = None) -> Dict[str, Any]:
     """Trains a classifier with the trunk of detector preset ``preset`` on the object crops of ``train_set``.
 
     Args:
         preset: a detector preset (:func:`dcnv2.models.get_preset`); the classifier gets its deformable
             stages and layer type, so its checkpoint loads strictly into the detector's trunk.
         train_set, val_set: COCO-format detection sets (``val_set`` only scores the classifier).
+        crops, val_crops: their :class:`ObjectCrops`, when already built (otherwise built here).
         out: the run directory (``model_final.pth``, ``log.jsonl``, checkpoints).
         iterations: the schedule's length, or its first estimate with ``time_budget_s`` (re-planned).
         crop_size, batch_size, lr, seed: the recipe (AdamW, warm-up then cosine, label smoothing 0.1,
@@ -140,26 +184,21 @@ def pretrain_backbone(preset: str, train_set, out: Union[str, Path], *, backbone
         the validation crops, or None), "crops": training crop count}``.
     """
     from dcnv2.engine.classification import collate_train
-    from dcnv2.engine.config import ModelSpec, TrainConfig
+    from dcnv2.engine.config import TrainConfig
     from dcnv2.engine.train import train
-    from dcnv2.models import classifier, get_preset
 
-    det = get_preset(preset)
-    crops = ObjectCrops(train_set, size=crop_size, jitter=True)
+    crops = crops if crops is not None else ObjectCrops(train_set, size=crop_size, jitter=True)
     torch.manual_seed(seed)
-    stages = tuple(det.deform_stages)
-    model = classifier("regular", backbone, crops.num_classes, deform_stages=stages,
-                       modulated=det.modulated if stages else None, offset_groups=det.offset_groups)
-    spec = ModelSpec(arch="classifier", preset="regular", backbone=backbone, num_classes=crops.num_classes,
-                     class_names=crops.class_names, min_size=crop_size, max_size=crop_size,
-                     kwargs=dict(deform_stages=list(stages), modulated=bool(det.modulated and stages),
-                                 offset_groups=det.offset_groups))
+    model, spec = crop_classifier(preset, backbone, crops.num_classes)
+    spec.class_names, spec.min_size, spec.max_size = list(crops.class_names), crop_size, crop_size
     config = TrainConfig(out=str(out), max_iters=iterations, epochs=0, batch_size=batch_size, lr=lr,
                          optimizer="adamw", weight_decay=1e-4, warmup_iters=min(20, max(1, iterations // 10)),
                          warmup_factor=0.1, lr_schedule="cosine", lr_steps=(), time_budget_s=time_budget_s,
                          checkpoint_every=max(50, iterations), log_every=5, num_workers=0, seed=seed,
                          progress=progress)
     run = train(model, crops, config, model_spec=spec, collate_fn=collate_train)
-    accuracy = crop_accuracy(model, ObjectCrops(val_set, size=crop_size, jitter=False)) if val_set is not None else None
+    if val_crops is None and val_set is not None:
+        val_crops = ObjectCrops(val_set, size=crop_size, jitter=False)
+    accuracy = crop_accuracy(model, val_crops) if val_crops is not None else None
     return {"checkpoint": Path(run["final_model"]), "iterations": run["iteration"],
             "planned_iterations": run["planned_iterations"], "accuracy": accuracy, "crops": len(crops)}
