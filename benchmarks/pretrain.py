@@ -1,10 +1,11 @@
 """The paper's Table 6 and Table 7 in miniature: classification pre-training of regular / DCNv1 / DCNv2 ResNets
-on the synthetic classification set, then detection fine-tuned from them with pretrained vs zeroed offsets.
+on the synthetic classification set, then detection and semantic segmentation fine-tuned from them with
+pretrained vs zeroed offsets.
 
     python benchmarks/pretrain.py --out outputs/pretrain --seeds 0 1              # the default sizes
     python benchmarks/pretrain.py --out outputs/pretrain --seeds 0 1 --dry-run    # plan + cost estimate only
-    python benchmarks/pretrain.py --out /tmp/p --seeds 0 --cls-epochs 0.2 --det-iters 4 \\
-        --cls-num-train 48 --cls-num-val 24 --det-num-train 16 --det-num-val 8    # a smoke run (~2 min)
+    python benchmarks/pretrain.py --out /tmp/p --seeds 0 --cls-epochs 0.2 --det-iters 4 --seg-iters 3 \\
+        --cls-num-train 48 --cls-num-val 24 --det-num-train 16 --det-num-val 8    # a smoke run (~1.5 min)
 
 Table 6: each classifier preset (``regular``, ``dcnv1`` = DCNv1 conv5, ``dcnv2`` = modulated c3-c5) is trained
 from scratch per seed with ``dcnv2 train-cls``'s recipe (warm-up, cosine, label smoothing 0.1, offsets at 0.1x
@@ -15,9 +16,13 @@ Table 7: every classifier initialises the trunk of the detector with the same de
 its learned offset/mask convs (``pretrained``) and once with them reset (``zero``: offsets 0, masks 0.5), and
 the detector is fine-tuned on the synthetic detection set with the demo's recipe (ResNet-FPN Faster R-CNN,
 same iterations for all) and scored with COCO AP. ``--det-scratch`` adds detectors trained from scratch.
+Table 7's segmentation column: the same classifiers, offsets pretrained / zero, initialise a
+:func:`dcnv2.models.segmenter` with the same deformable layers (DeepLabV3 head, output stride 16, small ASPP
+rates for 128 px images), fine-tuned on the detection set's instance masks as semantic labels
+(:mod:`dcnv2.data.semantic`; AdamW, warm-up + cosine, batch 8) and scored with mIoU on its val split.
 
-A seed fixes the classifier's and the detector's initialisation, data order and augmentation; the data sets
-stay the same. Tables print each seed and the mean ± half the range. Finished runs are reused when the script
+A seed fixes the classifier's, detector's and segmenter's initialisation, data order and augmentation; the
+data sets stay the same. Tables print each seed and the mean ± half the range. Finished runs are reused when the script
 is run again with the same --out (delete a run's directory to redo it). Runs on CPU (or CUDA when present).
 """
 from __future__ import annotations
@@ -31,6 +36,7 @@ from pathlib import Path
 from typing import Dict, List
 
 CLS_TO_DET = {"regular": "regular", "dcnv1": "dconv-c5", "dcnv2": "mdconv-c3c5-mdpool"}
+SEG_BATCH = 8  # images per segmenter training step (the detectors' batch)
 
 
 def _args(argv):
@@ -39,8 +45,14 @@ def _args(argv):
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     p.add_argument("--backbone", default="resnet18")
     p.add_argument("--presets", nargs="+", default=list(CLS_TO_DET), choices=list(CLS_TO_DET))
-    p.add_argument("--tasks", nargs="+", default=["cls", "det"], choices=["cls", "det"])
+    p.add_argument("--tasks", nargs="+", default=["cls", "det", "seg"], choices=["cls", "det", "seg"],
+                   help="the classifiers always train (the others start from them)")
     p.add_argument("--data-seed", type=int, default=0, help="seed of both synthetic sets")
+    p.add_argument("--demo-difficulty", action="store_true",
+                   help="both synthetic sets at `dcnv2 demo`'s difficulty (6 classes, objects 20-70%% of the side, "
+                        "lighter clutter) instead of the full one")
+    p.add_argument("--det-presets", nargs="+", default=None, choices=list(CLS_TO_DET),
+                   help="classifiers fine-tuned as detectors and segmenters (default: all of --presets)")
     g = p.add_argument_group("classification (Table 6)")
     g.add_argument("--cls-num-train", type=int, default=2400)
     g.add_argument("--cls-num-val", type=int, default=600)
@@ -60,6 +72,17 @@ def _args(argv):
     g.add_argument("--det-image-size", type=int, default=128)
     g.add_argument("--det-iters", type=int, default=300, help="fine-tuning iterations per detector (batch 8)")
     g.add_argument("--det-scratch", action="store_true", help="also train each detector preset from scratch")
+    g = p.add_argument_group("segmentation (Table 7, on the detection set's masks)")
+    g.add_argument("--seg-iters", type=int, default=150, help="fine-tuning iterations per segmenter (batch 8)")
+    # AdamW 1e-3 (chosen, not tuned): the classifiers trained from scratch at this peak lr, so it should not wreck
+    # their trunk, while the ASPP head starts from random weights and has only ~150 steps to learn; the warm-up
+    # keeps the new head's first gradients off the pretrained offsets, which also train at 0.1x lr. (The
+    # detectors' 5e-4 is the demo recipe's, measured for from-scratch detectors of ~450 iterations.)
+    g.add_argument("--seg-lr", type=float, default=1e-3, help="AdamW peak lr (10%% linear warm-up, then cosine)")
+    g.add_argument("--seg-output-stride", type=int, default=16, choices=[8, 16],
+                   help="16: conv5 dilated (a 128 px image -> 8x8 map); 8 costs ~3x per step")
+    g.add_argument("--seg-atrous-rates", type=int, nargs="+", default=[2, 4, 6],
+                   help="ASPP rates (torchvision's 12 24 36 are for ~520 px images)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     p.add_argument("--dry-run", action="store_true", help="measure the speed, print the plan and its cost, stop")
     p.add_argument("--no-progress", action="store_true")
@@ -189,13 +212,162 @@ def _train_detector(det_preset, init, offsets, seed, args, train_set, val_set, r
 def _det_runs(args):
     """(name, detector preset, classifier preset or None, offsets) of every detector run per seed."""
     runs = []
-    for preset in args.presets:
+    for preset in (args.det_presets or args.presets):
         det = CLS_TO_DET[preset]
         if args.det_scratch:
             runs.append((f"{det}-scratch", det, None, "zero"))
-        for offsets in (("pretrained",) if preset == "regular" else ("pretrained", "zero")):
+        for offsets in _offset_variants(preset):
             runs.append((f"{det}-from-{preset}-{offsets}", det, preset, offsets))
     return runs
+
+
+def _offset_variants(preset: str):
+    """Offsets of the fine-tuning runs from a classifier: a regular one has none to zero."""
+    return ("pretrained",) if preset == "regular" else ("pretrained", "zero")
+
+
+def _seg_runs(args):
+    """(name, classifier preset = segmenter preset, offsets) of every segmenter run per seed."""
+    return [(f"deeplabv3-{preset}-{offsets}", preset, offsets)
+            for preset in (args.det_presets or args.presets) for offsets in _offset_variants(preset)]
+
+
+def _seg_spec(preset: str, dataset, args):
+    """ModelSpec of a segmenter with the classifier preset's deformable layers, at the detection set's size.
+
+    ``dataset``: a :class:`dcnv2.data.semantic.SemanticSegmentation` (classes with the background)."""
+    from dcnv2.engine import ModelSpec
+
+    return ModelSpec(arch="segmenter", preset=preset, backbone=args.backbone, num_classes=dataset.num_classes,
+                     class_names=list(dataset.class_names), label_to_category_id=dict(dataset.label_to_category_id),
+                     min_size=args.det_image_size, max_size=args.det_image_size,
+                     kwargs={"head": "deeplabv3", "output_stride": args.seg_output_stride,
+                             "atrous_rates": list(args.seg_atrous_rates)})
+
+
+def _seg_config(run_dir: Path, seed: int, args):
+    """AdamW ``--seg-lr``, 10 % linear warm-up from 0.1x, cosine to 0, batch 8, offsets at 0.1x lr, gradient
+    norm clipped at 10 (the detector recipe's), ``--seg-iters`` iterations."""
+    from dcnv2.engine import TrainConfig
+
+    iters = args.seg_iters
+    return TrainConfig(out=str(run_dir), max_iters=iters, epochs=0, batch_size=SEG_BATCH, lr=args.seg_lr,
+                       optimizer="adamw", weight_decay=1e-4, warmup_iters=max(1, iters // 10), warmup_factor=0.1,
+                       lr_schedule="cosine", clip_grad_norm=10.0, checkpoint_every=max(50, iters // 4), log_every=5,
+                       seed=seed, num_workers=0, progress=not args.no_progress)
+
+
+def _seg_data(det_dir: Path):
+    """The detection set's train (random flip) and val splits, instance masks as semantic labels."""
+    from dcnv2.data.semantic import load_semantic_split
+
+    train_set = load_semantic_split(det_dir, "train", train=True)
+    val_set = load_semantic_split(det_dir, "val", train=False)
+    if len(train_set) % SEG_BATCH == 1:
+        raise SystemExit(f"the segmentation training set has {len(train_set)} images: each epoch would end in a "
+                         f"batch of one image, on which the ASPP head's BatchNorm (over a 1x1 pooled map) cannot "
+                         f"train; pick a --det-num-train that is not 1 more than a multiple of {SEG_BATCH}")
+    return train_set, val_set
+
+
+def _seg_plan(args, train_set, val_set) -> float:
+    """Times a few training steps and evaluated images of each segmenter preset, logs each segmenter run's cost
+    per seed and returns the cost of them all over all seeds (seconds)."""
+    from dcnv2.engine import build_model
+    from dcnv2.engine.recipes import seconds_per_image_eval, seconds_per_iteration
+
+    speed = {}
+    for _, preset, _ in _seg_runs(args):
+        if preset not in speed:
+            model = build_model(_seg_spec(preset, train_set, args))
+            speed[preset] = (seconds_per_iteration(model, train_set, SEG_BATCH),
+                             seconds_per_image_eval(model, val_set))
+    total = 0.0
+    for name, preset, _ in _seg_runs(args):
+        s, e = speed[preset]
+        cost = s * args.seg_iters + e * len(val_set) * 1.15 + 5
+        total += len(args.seeds) * cost
+        _log(f"  segmenter {name:>39}: {args.seg_iters} iterations x {s:.2f} s + eval = {_fmt_s(cost)} per seed")
+    return total
+
+
+def _train_segmenter(preset, init, offsets, seed, args, train_set, val_set, run_dir: Path) -> Dict:
+    """Fine-tunes a segmenter from the classifier checkpoint ``init`` and scores it (mIoU) on ``val_set``."""
+    import torch
+
+    from dcnv2 import data
+    from dcnv2.engine import build_model, train
+    from dcnv2.engine.segmentation import evaluate_segmentation
+    from dcnv2.models.transfer import load_backbone_checkpoint
+
+    done = run_dir / "result.json"
+    if done.is_file():
+        _log(f"segmenter {run_dir.name}: reusing {run_dir}")
+        return json.loads(done.read_text())
+    spec = _seg_spec(preset, train_set, args)
+    torch.manual_seed(seed)
+    model = build_model(spec)
+    report = load_backbone_checkpoint(model, init, offsets=offsets, strict=True)
+    spec.backbone_init = report.to_dict()
+    config = _seg_config(run_dir, seed, args)
+    t0 = time.perf_counter()
+    train(model, train_set, config, model_spec=spec, collate_fn=data.collate_fn)
+    t1 = time.perf_counter()
+    ev = evaluate_segmentation(model, val_set, progress=not args.no_progress, out_dir=run_dir / "eval_val")
+    m = ev["metrics"]
+    result = {"mIoU": m["mIoU"], "pixel_accuracy": m["pixel_accuracy"], "mean_accuracy": m["mean_accuracy"],
+              "iou": m["iou"], "train_s": t1 - t0, "iterations": args.seg_iters}
+    done.write_text(json.dumps(result, indent=2))
+    _log(f"segmenter {run_dir.name}: mIoU {100 * m['mIoU']:.1f}, pixel accuracy {100 * m['pixel_accuracy']:.1f} "
+         f"(trained in {_fmt_s(t1 - t0)})")
+    return result
+
+
+# ---------------------------------------------------------------------------------------------------------
+# tables
+
+
+def _seed_cells(values: List[float]) -> List[str]:
+    """Each seed's value, then the mean ± half range."""
+    return [f"{v:.1f}" for v in values] + [_spread(values)]
+
+
+def _table7(args, det_results, seg_results, det_train, det_val, seg_train, seg_val) -> List[str]:
+    """Table 7 in miniature (markdown lines): one row per classifier init and offsets, detection AP / AP50 and
+    segmentation mIoU side by side; a task that did not run has no columns (detectors from scratch: no mIoU)."""
+    seeds = args.seeds
+    parts, head, align = [], "| init | offsets |", "|---|---|"
+    if det_results:
+        parts.append(f"{args.backbone}-FPN Faster R-CNN on the synthetic detection set ({len(det_train)} train / "
+                     f"{len(det_val)} val images, {args.det_image_size} px), {args.det_iters} iterations x batch 8 "
+                     f"(the demo's recipe), COCO bbox AP (%)")
+        head += (" detector | " + " | ".join(f"AP s{s}" for s in seeds)
+                 + " | AP mean ± half range | AP50 mean ± half range |")
+        align += "---|" + "---:|" * (len(seeds) + 2)
+    if seg_results:
+        parts.append(f"{args.backbone} DeepLabV3 (output stride {args.seg_output_stride}, ASPP rates "
+                     f"{tuple(args.seg_atrous_rates)}) on the same set's instance masks as semantic labels "
+                     f"({len(seg_train)} train / {len(seg_val)} val images, {seg_train.num_classes} classes with the "
+                     f"background), {args.seg_iters} iterations x batch {SEG_BATCH}, AdamW lr {args.seg_lr:g} "
+                     f"(warm-up 10 %, cosine), val mIoU (%)")
+        head += " " + " | ".join(f"mIoU s{s}" for s in seeds) + " | mIoU mean ± half range |"
+        align += "---:|" * (len(seeds) + 1)
+    lines = ["Table 7 in miniature: each classifier (its seed's) initialises the same deformable layers with its "
+             "offset/mask convs pretrained or zeroed (offsets 0, masks 0.5); " + "; ".join(parts) + ".", "", head, align]
+    seg_names = {(preset, offsets): name for name, preset, offsets in _seg_runs(args)}
+    for name, det, preset, offsets in _det_runs(args):
+        if preset is None and not det_results:  # a detector from scratch has no segmenter beside it
+            continue
+        cells = [preset or "scratch", offsets if preset not in (None, "regular") else "-"]
+        if det_results:
+            per_seed = det_results[name]
+            ap50 = [100 * per_seed[s]["bbox"]["AP50"] for s in seeds]
+            cells += [det] + _seed_cells([100 * per_seed[s]["bbox"]["AP"] for s in seeds]) + [_spread(ap50)]
+        if seg_results:
+            per_seed = seg_results.get(seg_names.get((preset, offsets)))
+            cells += _seed_cells([100 * per_seed[s]["mIoU"] for s in seeds]) if per_seed else ["-"] * (len(seeds) + 1)
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -210,29 +382,39 @@ def main(argv=None) -> int:
     from dcnv2.engine.classification import load_image_folder
     from dcnv2.engine.train import ResumableBatchSampler
 
+    if args.det_presets and not set(args.det_presets) <= set(args.presets):
+        raise SystemExit(f"--det-presets {args.det_presets} must be among --presets {args.presets}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
 
     cls_data = out / "cls_data"
+    difficulty = {}
+    if args.demo_difficulty:
+        from dcnv2.engine.demo import DEMO_DATA
+
+        difficulty = {k: (list(v) if isinstance(v, tuple) else v) for k, v in DEMO_DATA.items()}
     params = {"seed": args.data_seed, "num_train": args.cls_num_train, "num_val": args.cls_num_val,
-              "image_size": args.cls_image_size}
+              "image_size": args.cls_image_size, **{k: v for k, v in difficulty.items() if k != "max_objects"}}
     stamp = cls_data / "params.json"
     if not (stamp.is_file() and json.loads(stamp.read_text()) == params):
         synthetic_cls.generate(cls_data, overwrite=True, progress=not args.no_progress, **params)
         stamp.write_text(json.dumps(params))
     num_classes = len(load_image_folder(cls_data, "train", train=False, image_size=args.cls_image_size).classes)
 
-    det_train = det_val = None
-    if "det" in args.tasks:
+    det_train = det_val = seg_train = seg_val = None
+    if {"det", "seg"} & set(args.tasks):
         from dcnv2.engine.datasets import load_dataset
         from dcnv2.engine.demo import ensure_synthetic_data
 
         det_dir = Path(args.det_data) if args.det_data else ensure_synthetic_data(
             out / "det_data", seed=args.data_seed, num_train=args.det_num_train, num_val=args.det_num_val,
-            image_size=args.det_image_size, log=_log)
-        det_train = load_dataset(det_dir, "train", train=True, with_masks=False)
-        det_val = load_dataset(det_dir, "val", train=False, with_masks=False)
+            image_size=args.det_image_size, log=_log, **difficulty)
+        if "det" in args.tasks:
+            det_train = load_dataset(det_dir, "train", train=True, with_masks=False)
+            det_val = load_dataset(det_dir, "val", train=False, with_masks=False)
+        if "seg" in args.tasks:
+            seg_train, seg_val = _seg_data(det_dir)
 
     # the plan and its cost, from a few timed steps of every model on this machine
     cls_ipe = ResumableBatchSampler.batches_per_epoch(args.cls_num_train, args.cls_batch_size, 1)
@@ -259,12 +441,15 @@ def main(argv=None) -> int:
             cost = s * args.det_iters + e * len(det_val) * 1.15 + 5
             est += len(args.seeds) * cost
             _log(f"  detector {name:>40}: {args.det_iters} iterations x {s:.2f} s + eval = {_fmt_s(cost)} per seed")
+    if "seg" in args.tasks:
+        est += _seg_plan(args, seg_train, seg_val)
     _log(f"  expected total: ~{_fmt_s(est)} (a shared machine runs slower; finished runs are reused on a rerun)")
     if args.dry_run:
         return 0
 
     cls_results: Dict[str, Dict[int, Dict]] = {p: {} for p in args.presets}
     det_results: Dict[str, Dict[int, Dict]] = {}
+    seg_results: Dict[str, Dict[int, Dict]] = {}
     for seed in args.seeds:
         for preset in args.presets:
             cls_results[preset][seed] = _train_classifier(preset, seed, args, cls_data,
@@ -274,6 +459,11 @@ def main(argv=None) -> int:
                 init = None if preset is None else out / "cls" / f"seed{seed}" / preset / "model_final.pth"
                 det_results.setdefault(name, {})[seed] = _train_detector(
                     det, init, offsets, seed, args, det_train, det_val, out / "det" / f"seed{seed}" / name)
+        if "seg" in args.tasks:
+            for name, preset, offsets in _seg_runs(args):
+                init = out / "cls" / f"seed{seed}" / preset / "model_final.pth"
+                seg_results.setdefault(name, {})[seed] = _train_segmenter(
+                    preset, init, offsets, seed, args, seg_train, seg_val, out / "seg" / f"seed{seed}" / name)
 
     seeds = args.seeds
     lines = [f"Table 6 in miniature: {args.backbone} classifiers from scratch on the synthetic classification set "
@@ -287,27 +477,16 @@ def main(argv=None) -> int:
         top1 = [100 * per_seed[s]["top1"] for s in seeds]
         top5 = [100 * per_seed[s]["top5"] for s in seeds]
         lines.append(f"| {preset} | " + " | ".join(f"{v:.1f}" for v in top1) + f" | {_spread(top1)} | {_spread(top5)} |")
-    if det_results:
-        lines += ["", f"Table 7 in miniature: {args.backbone}-FPN Faster R-CNN on the synthetic detection set "
-                  f"({len(det_train)} train / {len(det_val)} val images, {args.det_image_size} px), fine-tuned "
-                  f"{args.det_iters} iterations x batch 8 from each classifier (its seed's) with its offset/mask "
-                  f"convs pretrained or zeroed; COCO bbox AP (%).", "",
-                  "| detector | init | offsets | " + " | ".join(f"AP s{s}" for s in seeds) +
-                  " | AP mean ± half range | AP50 mean ± half range |",
-                  "|---|---|---|" + "---:|" * (len(seeds) + 2)]
-        for name, det, preset, offsets in _det_runs(args):
-            per_seed = det_results[name]
-            ap = [100 * per_seed[s]["bbox"]["AP"] for s in seeds]
-            ap50 = [100 * per_seed[s]["bbox"]["AP50"] for s in seeds]
-            lines.append(f"| {det} | {preset or 'scratch'} | {offsets if preset not in (None, 'regular') else '-'} | "
-                         + " | ".join(f"{v:.1f}" for v in ap) + f" | {_spread(ap)} | {_spread(ap50)} |")
+    if det_results or seg_results:
+        lines += [""] + _table7(args, det_results, seg_results, det_train, det_val, seg_train, seg_val)
     lines += ["", f"Total wall time {_fmt_s(time.perf_counter() - t_start)} (runs reused from an earlier call "
               "count as 0). The machine is shared with other jobs: times are indicative only."]
     table = "\n".join(lines)
     print(table)
     (out / "pretrain.md").write_text(table + "\n")
     (out / "results.json").write_text(json.dumps({"args": vars(args), "classification": cls_results,
-                                                  "detection": det_results}, indent=2, default=str))
+                                                  "detection": det_results, "segmentation": seg_results},
+                                                 indent=2, default=str))
     return 0
 
 
