@@ -55,6 +55,32 @@ def test_probe_too_pessimistic_uses_the_whole_budget():
     assert it > 1400 and used > 615.0
 
 
+def test_tail_keeps_room_for_an_evaluation_that_slows_down_with_the_machine():
+    """A 100 s budget for training + an evaluation that takes 20 s at the probed speed (1 s / step). From
+    step 30 the machine is 3x slower: the evaluation will take 60 s, so training must stop ~60 s early."""
+    clock = FakeClock()
+    planner = IterationPlanner(100.0, 80, clock=clock, window=5, tail=lambda sec: 20.0 * max(1.0, sec / 1.0))
+    start, it, total = clock.t, 0, planner.total
+    while it < total:
+        clock.t += 1.0 if it < 30 else 3.0
+        it += 1
+        total = planner.step_done(it)
+    trained = clock.t - start
+    evaluation = 20.0 * 3.0
+    # the slowdown is seen through the 5-step window: at most two slow steps late
+    assert trained + evaluation <= 100.0 + 2 * 3.0, (trained, it)
+    assert trained + evaluation >= 100.0 - 2 * 3.0
+    # without the tail the same run would train to the deadline and the evaluation would overrun by 60 s
+    clock = FakeClock()
+    plain = IterationPlanner(100.0, 80, clock=clock, window=5)
+    it, total = 0, plain.total
+    while it < total:
+        clock.t += 1.0 if it < 30 else 3.0
+        it += 1
+        total = plain.step_done(it)
+    assert clock.t - 1000.0 >= 97.0
+
+
 def test_past_the_deadline_stops_at_once_but_runs_min_iters():
     it, _, _ = _simulate(1.0, planned=50, step_time=lambda i: 5.0)
     assert it == 1

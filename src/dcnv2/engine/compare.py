@@ -125,14 +125,22 @@ def compare_presets(presets: Sequence[str], train_set, val_set, out_dir, *, reci
             log(f"{preset}: crop classifier top-1 {100 * pretrain['accuracy']:.1f}% on the validation objects "
                 f"({note}{_fmt_s(time.perf_counter() - t_model)}); its trunk, offsets included, initialises "
                 "the detector")
+        tail = None
         if timed:
             share = time_share(preset, "detector", presets[k:])
             planned = max(1, int(share / spi[preset]))
-            overrides["time_budget_s"] = share
+            # the budget covers this model's evaluation too, which slows down with the machine: the planner
+            # keeps the evaluation's estimate x (measured / probed step time) free at the end
+            eval_s = eval_ratio * eval_est[preset]
+            overrides["time_budget_s"] = share + eval_s
+            probed = spi[preset]
+
+            def tail(sec_per_iter: float, eval_s=eval_s, probed=probed) -> float:
+                return eval_s * max(1.0, sec_per_iter / probed)
         config = recipe.train_config(str(run_dir), planned, ipe, **overrides)
         model = models[preset]
         t0 = time.perf_counter()
-        run = train(model, train_set, config, model_spec=specs[preset], collate_fn=collate_fn)
+        run = train(model, train_set, config, model_spec=specs[preset], collate_fn=collate_fn, time_tail=tail)
         t1 = time.perf_counter()
         ran = int(run["iteration"])
         ev = evaluate(model, val_set, label_to_category_id=specs[preset].label_to_category_id,

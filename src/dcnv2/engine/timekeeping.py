@@ -33,6 +33,8 @@ class IterationPlanner:
         window: the speed estimate is the mean of the last ``window`` step times (a mean, not a median:
             the time left is spent on bursts too).
         clock: seconds as a float (default: :func:`now`, looked up at every call).
+        tail: seconds to keep free before the deadline for work after the run (an evaluation), as a
+            function of the current seconds per iteration - work that slows down with the machine.
 
     Attributes:
         planned: the first estimate (kept for the "planned N, ran M" report).
@@ -40,7 +42,8 @@ class IterationPlanner:
     """
 
     def __init__(self, budget_s: float, planned: int, *, start: int = 0, min_iters: int = 1, window: int = 20,
-                 clock: Optional[Callable[[], float]] = None):
+                 clock: Optional[Callable[[], float]] = None,
+                 tail: Optional[Callable[[float], float]] = None):
         if not (isinstance(budget_s, (int, float)) and math.isfinite(budget_s) and budget_s > 0):
             raise ValueError(f"IterationPlanner: budget_s must be a positive number of seconds, got {budget_s!r}")
         if not (isinstance(planned, int) and planned >= 1):
@@ -48,6 +51,7 @@ class IterationPlanner:
         if not (isinstance(window, int) and window >= 1):
             raise ValueError(f"IterationPlanner: window must be an int >= 1, got {window!r}")
         self._clock = clock or (lambda: now())
+        self._tail = tail
         self.deadline = self._clock() + float(budget_s)
         self.planned = planned
         self.total = max(planned, min_iters)
@@ -77,7 +81,7 @@ class IterationPlanner:
         sec = self.seconds_per_iteration()
         if sec is None:
             return self.total
-        left = self.deadline - now
+        left = self.deadline - now - (self._tail(sec) if self._tail is not None else 0.0)
         if left <= 0:
             fit = 0
         elif sec <= 0:  # a clock too coarse to see a step: keep the plan

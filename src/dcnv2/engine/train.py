@@ -182,6 +182,7 @@ def train(
     model_spec: Optional[ModelSpec] = None,
     resume: Union[bool, str, Path, None] = None,
     collate_fn: Optional[Callable] = None,
+    time_tail: Optional[Callable[[float], float]] = None,
 ) -> Dict[str, Any]:
     """Trains a torchvision-style detector (``model(images, targets) -> dict of losses``).
 
@@ -192,6 +193,8 @@ def train(
         model_spec: stored in every checkpoint so ``eval``/``predict`` can rebuild the model.
         resume: True to continue from ``out/checkpoint_last.pth``, or a checkpoint path.
         collate_fn: batches a list of samples into ``(images, targets)``; default ``tuple(zip(*batch))``.
+        time_tail: with ``config.time_budget_s``: seconds of the budget kept for work after training (an
+            evaluation), as a function of the measured seconds per iteration (see ``IterationPlanner``).
 
     Returns:
         ``{"iteration", "loss", "checkpoint", "final_model", "log"}`` (paths are None on ranks > 0).
@@ -257,7 +260,8 @@ def train(
 
     if config.time_budget_s is not None:
         # the plan is made on rank 0's clock and broadcast, so every rank runs the same number of steps
-        planner = IterationPlanner(config.time_budget_s, max(total, start + 1), start=start, min_iters=start + 1)
+        planner = IterationPlanner(config.time_budget_s, max(total, start + 1), start=start, min_iters=start + 1,
+                                   tail=time_tail)
         planned = total
     else:
         planned = total
