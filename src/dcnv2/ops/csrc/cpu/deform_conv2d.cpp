@@ -1,9 +1,12 @@
 // CPU kernel of the modulated deformable convolution (DCNv2, eq. 1 of the paper; DCNv1 without mask).
 //
-// Layout: the input is read channels-last ([H, W, C] per image), so each bilinear corner is a
-// contiguous channel vector. Output pixels are processed in tiles whose column buffer
-// ([P, G, K, C/G]) stays within a few MB whatever the batch; one GEMM per tile and group, producing
-// pixel-major rows (oneDNN for float32, see RowGemm) that one transposing copy puts into NCHW.
+// Layout: the input is read channels-last ([N, H, W, C], one copy of the batch), so each bilinear
+// corner is a contiguous channel vector. The output pixels of the whole batch form one range
+// [0, N * Ho * Wo) that is cut into tiles whose column buffer ([P, G, K, C/G]) stays within a few MB;
+// a tile may span several images, so small maps (a batch of 64 crops at 3x3) still make GEMMs of
+// hundreds of rows instead of one tiny GEMM per image. One GEMM per tile and group, producing
+// pixel-major rows (oneDNN for float32, see RowGemm) that one transposing copy puts into NCHW. The
+// tile boundaries depend on the shapes only (not on the thread count).
 //
 // Backward recomputes the column tile (for grad_weight), forms grad_col with one GEMM and then makes
 // one fused pass per (pixel, tap) that scatters grad_input and takes the four corner dot products
@@ -182,19 +185,25 @@ struct TapReader {
 
 // dst[n, M] = x[n, Kd] @ w[M, Kd]^T for row-major tiles: the GEMM of every tile.
 //
-// float32 goes through oneDNN's matmul with the weight packed once per call (the mkldnn ops that
-// torch registers for its own linear layers): on the CPUs measured it runs about 15% faster than the
-// BLAS SGEMM behind at::mm for these shapes and reaches the speed of the dense convolution's direct
-// kernel. bfloat16 takes the same oneDNN path (bf16 products, float32 accumulation, bf16 result).
-// float64, or a torch built without oneDNN, uses at::mm. The float32/float64 GEMMs are exact
-// float32/float64 GEMMs; neither changes precision.
+// float32 and bfloat16 go through oneDNN's matmul (the mkldnn ops that torch registers for its own
+// linear layers; bf16 products with float32 accumulation for bfloat16). On the CPUs measured it runs
+// 2-2.5x faster than the MKL SGEMM behind at::mm for these shapes and reaches the speed of the dense
+// convolution's direct kernel. w may be a strided view (a transpose): oneDNN reads it in place. When
+// the same weight serves several tiles it is packed once into oneDNN's blocked layout; for one or two
+// tiles (small maps, a batch of crops) the reorder costs more than it saves. float64, or a torch built
+// without oneDNN, uses at::mm. The float32/float64 GEMMs are exact float32/float64 GEMMs; neither
+// changes precision.
 class RowGemm {
  public:
-  RowGemm(const at::Tensor& w, int64_t max_rows) : w_(w) {
+  static constexpr int64_t kPackFromUses = 4;
+
+  RowGemm(const at::Tensor& w, int64_t max_rows, int64_t uses) : w_(w) {
     const auto st = w.scalar_type();
     if ((st != at::kFloat && st != at::kBFloat16) || !onednn_enabled()) return;
     const auto& ops = onednn_ops();
     if (!ops) return;
+    onednn_ = true;
+    if (uses < kPackFromUses) return;
     torch::jit::Stack stack{w.contiguous(), c10::IValue(max_rows)};
     ops->reorder.callBoxed(&stack);
     packed_ = stack[0].toTensor();
@@ -202,8 +211,9 @@ class RowGemm {
 
   // [n, M] row-major
   at::Tensor operator()(const at::Tensor& x) const {
-    if (!packed_.defined() || x.size(0) == 0) return at::mm(x, w_.t());
-    torch::jit::Stack stack{x.contiguous(), packed_, c10::IValue(), c10::IValue(std::string("none")),
+    if (!onednn_ || x.size(0) == 0) return at::mm(x, w_.t());
+    torch::jit::Stack stack{x.contiguous(), packed_.defined() ? packed_ : w_, c10::IValue(),
+                            c10::IValue(std::string("none")),
                             c10::IValue(c10::List<std::optional<at::Scalar>>()),
                             c10::IValue(std::string(""))};
     onednn_ops()->linear.callBoxed(&stack);
@@ -237,7 +247,10 @@ class RowGemm {
 
   at::Tensor w_;
   at::Tensor packed_;
+  bool onednn_ = false;
 };
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 int64_t column_budget() {
   static const int64_t budget = [] {
@@ -250,20 +263,23 @@ int64_t column_budget() {
 
 int64_t tile_pixels(const Geometry& g, size_t elem) {
   const int64_t per_pixel = std::max<int64_t>(1, g.K * g.C * static_cast<int64_t>(elem));
-  return std::min(g.L, std::max(kMinTilePixels, column_budget() / per_pixel));
+  return std::max<int64_t>(1, std::min(g.N * g.L, std::max(kMinTilePixels, column_budget() / per_pixel)));
 }
 
-// col[p - p0] = [G, K, Cg] modulated bilinear samples for output pixels [p0, p1) of image n,
-// whose channels-last copy [H, W, C] is img. The samples are computed in T; the image is read as S
-// and the columns stored as D (bfloat16 bits for the bf16 forward, see load_val/store_val).
+// col[q - q0] = [G, K, Cg] modulated bilinear samples for the batch's output pixels [q0, q1)
+// (q = n * L + p), read from the channels-last batch img [N, H, W, C]. The samples are computed in T;
+// the image is read as S and the columns stored as D (bfloat16 bits for the bf16 forward, see
+// load_val/store_val).
 template <typename T, typename S = T, typename D = T>
-void fill_columns(const Geometry& g, const TapReader<T>& taps, const S* img, int64_t n, int64_t p0,
-                  int64_t p1, D* col) {
+void fill_columns(const Geometry& g, const TapReader<T>& taps, const S* batch_img, int64_t q0,
+                  int64_t q1, D* col) {
   const int64_t C = g.C, Cg = g.Cg(), Cog = g.Cog(), K = g.K;
-  at::parallel_for(p0, p1, 16, [&](int64_t begin, int64_t end) {
+  at::parallel_for(q0, q1, 16, [&](int64_t begin, int64_t end) {
     Corners<T> cr;
-    for (int64_t p = begin; p < end; ++p) {
-      D* row = col + (p - p0) * K * C;
+    for (int64_t q = begin; q < end; ++q) {
+      const int64_t n = q / g.L, p = q - n * g.L;
+      const S* img = batch_img + n * g.H * g.W * C;
+      D* row = col + (q - q0) * K * C;
       for (int64_t og = 0; og < g.OG; ++og) {
         for (int64_t k = 0; k < K; ++k) {
           T y, x, m;
@@ -313,22 +329,31 @@ void fill_columns(const Geometry& g, const TapReader<T>& taps, const S* img, int
   });
 }
 
-// dst[c * ld + q] = src[q * M + c] + bias[c] for q < np, c < M: the GEMM's pixel-major rows into
-// NCHW, transposed in cache-sized blocks and in parallel over channel blocks, the bias added on the way
-// (in T; S and D are the element types of src and dst, see load_val/store_val).
+// The GEMM's pixel-major rows of one tile into NCHW: for the tile's rows r < np (batch pixel
+// q = q0 + r = n * L + p) and channels c < M, dst[(n * ld_img + c) * L + p] = src[r * M + c] + bias[c].
+// dst points at the group's first output channel of image 0; ld_img is the output's channel count.
+// Transposed in cache-sized blocks, in parallel over channel blocks, the bias added on the way (in T;
+// S and D are the element types of src and dst, see load_val/store_val).
 template <typename T, typename S = T, typename D = T>
-void rows_to_channels(const S* src, int64_t np, int64_t M, D* dst, int64_t ld, const T* bias) {
+void rows_to_channels(const S* src, int64_t q0, int64_t np, int64_t M, D* dst, int64_t ld_img, int64_t L,
+                      const T* bias) {
   constexpr int64_t B = 32;
   at::parallel_for(0, (M + B - 1) / B, 1, [&](int64_t b0, int64_t b1) {
     for (int64_t cb = b0 * B; cb < std::min(M, b1 * B); cb += B) {
       const int64_t ce = std::min(M, cb + B);
-      for (int64_t qb = 0; qb < np; qb += B) {
-        const int64_t qe = std::min(np, qb + B);
-        for (int64_t c = cb; c < ce; ++c) {
-          const T add = bias ? bias[c] : T(0);
-          D* d = dst + c * ld;
-          for (int64_t q = qb; q < qe; ++q) d[q] = store_val<D, T>(load_val(src[q * M + c]) + add);
+      for (int64_t r0 = 0; r0 < np;) {  // one image's run of rows at a time
+        const int64_t n = (q0 + r0) / L, p0 = q0 + r0 - n * L;
+        const int64_t run = std::min(np - r0, L - p0);
+        for (int64_t qb = 0; qb < run; qb += B) {
+          const int64_t qe = std::min(run, qb + B);
+          for (int64_t c = cb; c < ce; ++c) {
+            const T add = bias ? bias[c] : T(0);
+            D* d = dst + (n * ld_img + c) * L + p0;
+            const S* s = src + r0 * M + c;
+            for (int64_t q = qb; q < qe; ++q) d[q] = store_val<D, T>(load_val(s[q * M]) + add);
+          }
         }
+        r0 += run;
       }
     }
   });
@@ -451,26 +476,24 @@ at::Tensor deform_conv2d_forward_bf16(const Geometry& g, const at::Tensor& input
   const at::Tensor wmat = weight_matrix(weight, g, at::kBFloat16);
   const int64_t P = tile_pixels(g, sizeof(uint16_t));
   at::Tensor col = at::empty({P, g.G, g.K * g.Cg()}, input.options());
-  at::Tensor x_cl = at::empty({g.H, g.W, g.C}, input.options());
+  const at::Tensor x_cl = input.permute({0, 2, 3, 1}).contiguous();  // [N, H, W, C]
   std::vector<RowGemm> gemm;
-  for (int64_t grp = 0; grp < g.G; ++grp) gemm.emplace_back(wmat[grp], P);
+  for (int64_t grp = 0; grp < g.G; ++grp) gemm.emplace_back(wmat[grp], P, ceil_div(g.N * g.L, P));
   const bool has_bias = bias && bias->defined();
   const at::Tensor bias_c = has_bias ? bias->to(at::kFloat).contiguous() : at::Tensor();
   TapReader<float> taps{g, off_r.data_ptr<float>(), mask ? mask_r.data_ptr<float>() : nullptr};
   uint16_t* out_p = bf16_bits(out);
-  for (int64_t n = 0; n < g.N; ++n) {
-    x_cl.copy_(input[n].permute({1, 2, 0}));
-    for (int64_t p0 = 0; p0 < g.L; p0 += P) {
-      const int64_t p1 = std::min(g.L, p0 + P), np = p1 - p0;
-      fill_columns<float, uint16_t, uint16_t>(g, taps, bf16_bits(x_cl), n, p0, p1, bf16_bits(col));
-      for (int64_t grp = 0; grp < g.G; ++grp) {
-        const at::Tensor cols = col.narrow(0, 0, np).select(1, grp);  // [np, K*Cg]
-        const at::Tensor res = gemm[grp](cols).contiguous();         // [np, Coutg] bf16
-        TORCH_CHECK(res.scalar_type() == at::kBFloat16, "deform_conv2d: bf16 GEMM returned ", res.scalar_type());
-        rows_to_channels<float, uint16_t, uint16_t>(
-            bf16_bits(res), np, g.Coutg(), out_p + (n * g.Cout + grp * g.Coutg()) * g.L + p0, g.L,
-            has_bias ? bias_c.data_ptr<float>() + grp * g.Coutg() : nullptr);
-      }
+  const int64_t NL = g.N * g.L;
+  for (int64_t q0 = 0; q0 < NL; q0 += P) {
+    const int64_t q1 = std::min(NL, q0 + P), np = q1 - q0;
+    fill_columns<float, uint16_t, uint16_t>(g, taps, bf16_bits(x_cl), q0, q1, bf16_bits(col));
+    for (int64_t grp = 0; grp < g.G; ++grp) {
+      const at::Tensor cols = col.narrow(0, 0, np).select(1, grp);  // [np, K*Cg]
+      const at::Tensor res = gemm[grp](cols).contiguous();         // [np, Coutg] bf16
+      TORCH_CHECK(res.scalar_type() == at::kBFloat16, "deform_conv2d: bf16 GEMM returned ", res.scalar_type());
+      rows_to_channels<float, uint16_t, uint16_t>(
+          bf16_bits(res), q0, np, g.Coutg(), out_p + grp * g.Coutg() * g.L, g.Cout, g.L,
+          has_bias ? bias_c.data_ptr<float>() + grp * g.Coutg() : nullptr);
     }
   }
   return out;
@@ -494,28 +517,26 @@ at::Tensor deform_conv2d_forward_cpu(const at::Tensor& input, const at::Tensor& 
   const at::Tensor wmat = weight_matrix(weight, g, ct);
   const int64_t P = tile_pixels(g, at::elementSize(ct));
   at::Tensor col = at::empty({P, g.G, g.K * g.Cg()}, out.options());
-  at::Tensor x_cl = at::empty({g.H, g.W, g.C}, out.options());  // one image at a time: bounded workspace
+  const at::Tensor x_cl = input.to(ct).permute({0, 2, 3, 1}).contiguous();  // [N, H, W, C]
   // The GEMM writes pixel-major rows [np, Cout]: on the CPUs measured this layout runs markedly faster
   // than writing the strided [Cout, np] slice of the output directly; one transposing copy follows.
   std::vector<RowGemm> gemm;
-  for (int64_t grp = 0; grp < g.G; ++grp) gemm.emplace_back(wmat[grp], P);
+  for (int64_t grp = 0; grp < g.G; ++grp) gemm.emplace_back(wmat[grp], P, ceil_div(g.N * g.L, P));
   const bool has_bias = bias && bias->defined();
   const at::Tensor bias_c = has_bias ? bias->to(ct).contiguous() : at::Tensor();
 
   AT_DISPATCH_FLOATING_TYPES(ct, "dcnv2_deform_conv2d_forward", [&] {
     TapReader<scalar_t> taps{g, off_r.data_ptr<scalar_t>(), mask ? mask_r.data_ptr<scalar_t>() : nullptr};
-    for (int64_t n = 0; n < g.N; ++n) {
-      x_cl.copy_(input[n].permute({1, 2, 0}));
-      for (int64_t p0 = 0; p0 < g.L; p0 += P) {
-        const int64_t p1 = std::min(g.L, p0 + P), np = p1 - p0;
-        fill_columns<scalar_t>(g, taps, x_cl.data_ptr<scalar_t>(), n, p0, p1, col.data_ptr<scalar_t>());
-        for (int64_t grp = 0; grp < g.G; ++grp) {
-          const at::Tensor cols = col.narrow(0, 0, np).select(1, grp);     // [np, K*Cg]
-          const at::Tensor res = gemm[grp](cols).contiguous();            // [np, Coutg]
-          scalar_t* dst = out.data_ptr<scalar_t>() + (n * g.Cout + grp * g.Coutg()) * g.L + p0;
-          rows_to_channels<scalar_t>(res.data_ptr<scalar_t>(), np, g.Coutg(), dst, g.L,
-                                     has_bias ? bias_c.data_ptr<scalar_t>() + grp * g.Coutg() : nullptr);
-        }
+    const int64_t NL = g.N * g.L;
+    for (int64_t q0 = 0; q0 < NL; q0 += P) {
+      const int64_t q1 = std::min(NL, q0 + P), np = q1 - q0;
+      fill_columns<scalar_t>(g, taps, x_cl.data_ptr<scalar_t>(), q0, q1, col.data_ptr<scalar_t>());
+      for (int64_t grp = 0; grp < g.G; ++grp) {
+        const at::Tensor cols = col.narrow(0, 0, np).select(1, grp);     // [np, K*Cg]
+        const at::Tensor res = gemm[grp](cols).contiguous();            // [np, Coutg]
+        scalar_t* dst = out.data_ptr<scalar_t>() + grp * g.Coutg() * g.L;
+        rows_to_channels<scalar_t>(res.data_ptr<scalar_t>(), q0, np, g.Coutg(), dst, g.Cout, g.L,
+                                   has_bias ? bias_c.data_ptr<scalar_t>() + grp * g.Coutg() : nullptr);
       }
     }
   });
@@ -549,15 +570,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> deform_co
                     "deform_conv2d backward: grad_output has shape ", grad_output.sizes());
   const auto ct = compute_type(input.scalar_type());
   const auto opts = input.options().dtype(ct);
-  at::Tensor grad_in = at::empty({g.N, g.C, g.H, g.W}, opts);
+  at::Tensor grad_in_cl = at::zeros({g.N, g.H, g.W, g.C}, opts);  // channels-last, scattered into
   at::Tensor grad_off_r = at::zeros({g.N, g.L, g.OG * 2 * g.K}, opts);
   at::Tensor grad_mask_r = mask ? at::zeros({g.N, g.L, g.OG * g.K}, opts) : at::Tensor();
-  at::Tensor grad_w = at::zeros({g.G, g.Coutg(), g.K * g.Cg()}, opts);
+  at::Tensor grad_w = at::zeros({g.G, g.Coutg(), g.K * g.Cg()}, opts);  // stays zero for an empty batch
 
   if (g.N > 0) {
-    // one image at a time in channels-last: the workspace does not grow with the batch
-    at::Tensor x_cl = at::empty({g.H, g.W, g.C}, opts);
-    at::Tensor grad_in_cl = at::empty({g.H, g.W, g.C}, opts);
+    // the batch in channels-last (one copy of the input); tiles run over its N * L output pixels
+    const at::Tensor x_cl = input.to(ct).permute({0, 2, 3, 1}).contiguous();
     const at::Tensor off_r = rows(offset, ct);
     const at::Tensor mask_r = mask ? rows(*mask, ct) : at::Tensor();
     // the column tiles, grad_col and the GEMMs run in bt: bfloat16 on the bf16 fast path
@@ -565,13 +585,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> deform_co
     const auto bt = fast ? at::kBFloat16 : ct;
     const auto bopts = input.options().dtype(bt);
     const at::Tensor wmat = weight_matrix(weight, g, bt);
-    const at::Tensor go = grad_output.to(bt).contiguous();
+    // the output gradient as pixel-major rows [N * L, Cout]: a tile's rows are one contiguous slice
+    const at::Tensor go = grad_output.to(bt).permute({0, 2, 3, 1}).contiguous().view({g.N * g.L, g.Cout});
     const int64_t P = tile_pixels(g, at::elementSize(bt));
     at::Tensor col = at::empty({P, g.G, g.K * g.Cg()}, bopts);
     at::Tensor gcol = g.G > 1 ? at::empty({P, g.G, g.K * g.Cg()}, bopts) : at::Tensor();
-    at::Tensor go_tile = at::empty({P, g.Cout}, bopts);
     std::vector<RowGemm> gemm_t;  // grad_col = grad_out_rows @ wmat, i.e. weight wmat^T [K*Cg, Coutg]
-    for (int64_t grp = 0; grp < g.G; ++grp) gemm_t.emplace_back(wmat[grp].t().contiguous(), P);
+    const int64_t tiles = ceil_div(g.N * g.L, P);
+    for (int64_t grp = 0; grp < g.G; ++grp) gemm_t.emplace_back(wmat[grp].t(), P, tiles);
+    std::vector<at::Tensor> gw(g.G);  // grad_w per group: the first tile's GEMM result, the others added
     const std::vector<Block> blocks = channel_blocks(g);
     const int64_t NB = static_cast<int64_t>(blocks.size());
     // per block, pixel and tap: partial (d/dy, d/dx, d/dmask) over the block's channels
@@ -581,86 +603,84 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> deform_co
       using T = decltype(t_tag);  // sampling, scatter and gradient accumulation
       using B = decltype(b_tag);  // columns, grad_col and GEMM operands
       TapReader<T> taps{g, off_r.data_ptr<T>(), mask ? mask_r.data_ptr<T>() : nullptr};
-      const T* img = x_cl.data_ptr<T>();
-      T* gimg = grad_in_cl.data_ptr<T>();
+      const T* imgs = x_cl.data_ptr<T>();
+      T* gimgs = grad_in_cl.data_ptr<T>();
       T* goff = grad_off_r.data_ptr<T>();
       T* gmask = mask ? grad_mask_r.data_ptr<T>() : nullptr;
       T* part = partial.data_ptr<T>();
       const B* gc = nullptr;  // this tile's grad_col rows [np, G, K, Cg]
-      const int64_t C = g.C, K = g.K, Cg = g.Cg();
-      for (int64_t n = 0; n < g.N; ++n) {
-        x_cl.copy_(input[n].permute({1, 2, 0}));
-        grad_in_cl.zero_();
-        for (int64_t p0 = 0; p0 < g.L; p0 += P) {
-          const int64_t p1 = std::min(g.L, p0 + P), np = p1 - p0;
-          fill_columns<T, T, B>(g, taps, img, n, p0, p1, elem_ptr<B>(col));
-          // the tile's output gradient as pixel-major rows [np, Cout] (the GEMM layouts that run fastest)
-          at::Tensor go_rows = go_tile.narrow(0, 0, np);
-          go_rows.copy_(go[n].view({g.Cout, g.L}).narrow(1, p0, np).t());
-          at::Tensor gcol_single;  // with one group the GEMM result is the grad_col tile itself
-          for (int64_t grp = 0; grp < g.G; ++grp) {
-            at::Tensor go_g = go_rows.narrow(1, grp * g.Coutg(), g.Coutg());  // [np, Coutg]
-            at::Tensor cols = col.narrow(0, 0, np).select(1, grp);           // [np, K*Cg]
-            if constexpr (std::is_same<B, T>::value) {
-              grad_w[grp].addmm_(go_g.t(), cols);
-            } else {  // the tile's bf16 GEMM (float32 accumulation, rounded once) added in float32
-              grad_w[grp].add_(at::mm(go_g.t(), cols));
-            }
-            if (g.G == 1) {
-              gcol_single = gemm_t[0](go_g);
-            } else {
-              gcol.narrow(0, 0, np).select(1, grp).copy_(gemm_t[grp](go_g));
+      const int64_t C = g.C, K = g.K, Cg = g.Cg(), HWC = g.H * g.W * g.C, NL = g.N * g.L;
+      for (int64_t q0 = 0; q0 < NL; q0 += P) {
+        const int64_t q1 = std::min(NL, q0 + P), np = q1 - q0;
+        fill_columns<T, T, B>(g, taps, imgs, q0, q1, elem_ptr<B>(col));
+        const at::Tensor go_rows = go.narrow(0, q0, np);  // [np, Cout]
+        at::Tensor gcol_single;  // with one group the GEMM result is the grad_col tile itself
+        for (int64_t grp = 0; grp < g.G; ++grp) {
+          at::Tensor go_g = go_rows.narrow(1, grp * g.Coutg(), g.Coutg());  // [np, Coutg]
+          at::Tensor cols = col.narrow(0, 0, np).select(1, grp);           // [np, K*Cg]
+          // grad_w += go_g^T @ cols; bf16: the tile's GEMM (float32 accumulation, rounded once) summed in float32
+          const at::Tensor tile_w = RowGemm(cols.t(), g.Coutg(), 1)(go_g.t());  // [Coutg, K*Cg]
+          if (!gw[grp].defined()) {
+            gw[grp] = tile_w.to(ct);
+          } else {
+            gw[grp].add_(tile_w);
+          }
+          if (g.G == 1) {
+            gcol_single = gemm_t[0](go_g);
+          } else {
+            gcol.narrow(0, 0, np).select(1, grp).copy_(gemm_t[grp](go_g));
+          }
+        }
+        gc = g.G == 1 ? elem_ptr<B>(gcol_single) : elem_ptr<B>(gcol);
+        at::parallel_for(0, NB, 1, [&](int64_t b0, int64_t b1) {
+          Corners<T> cr;
+          for (int64_t b = b0; b < b1; ++b) {
+            const Block& blk = blocks[b];
+            const int64_t len = blk.c1 - blk.c0;
+            for (int64_t q = q0; q < q1; ++q) {
+              const int64_t n = q / g.L, p = q - n * g.L;
+              const T* img = imgs + n * HWC;
+              T* gimg = gimgs + n * HWC;
+              T* pp = part + ((b * P + (q - q0)) * K) * 3;
+              for (int64_t k = 0; k < K; ++k, pp += 3) {
+                T y, xx, m;
+                taps.sample(n, p, blk.og, k, y, xx, m);
+                cr.set(y, xx, g.H, g.W);
+                T gy = 0, gx = 0, gm = 0;
+                const B* gv = gc + (q - q0) * K * C + blk.grp * K * Cg + k * Cg + (blk.c0 - blk.grp * Cg);
+                for (int t = 0; t < cr.n; ++t) {
+                  const int64_t base = cr.idx[t] * C + blk.c0;
+                  const T* s = img + base;
+                  T* d = gimg + base;
+                  const T wm = cr.w[t] * m;
+                  const T dot = scatter_and_dot(d, gv, s, wm, len);
+                  gy += dot * cr.dwdy[t];
+                  gx += dot * cr.dwdx[t];
+                  gm += dot * cr.w[t];
+                }
+                pp[0] = gy * m;
+                pp[1] = gx * m;
+                pp[2] = gm;
+              }
             }
           }
-          gc = g.G == 1 ? elem_ptr<B>(gcol_single) : elem_ptr<B>(gcol);
-          at::parallel_for(0, NB, 1, [&](int64_t b0, int64_t b1) {
-            Corners<T> cr;
-            for (int64_t b = b0; b < b1; ++b) {
-              const Block& blk = blocks[b];
-              const int64_t len = blk.c1 - blk.c0;
-              for (int64_t p = p0; p < p1; ++p) {
-                T* pp = part + ((b * P + (p - p0)) * K) * 3;
-                for (int64_t k = 0; k < K; ++k, pp += 3) {
-                  T y, xx, m;
-                  taps.sample(n, p, blk.og, k, y, xx, m);
-                  cr.set(y, xx, g.H, g.W);
-                  T gy = 0, gx = 0, gm = 0;
-                  const B* gv = gc + (p - p0) * K * C + blk.grp * K * Cg + k * Cg + (blk.c0 - blk.grp * Cg);
-                  for (int t = 0; t < cr.n; ++t) {
-                    const int64_t base = cr.idx[t] * C + blk.c0;
-                    const T* s = img + base;
-                    T* d = gimg + base;
-                    const T wm = cr.w[t] * m;
-                    const T dot = scatter_and_dot(d, gv, s, wm, len);
-                    gy += dot * cr.dwdy[t];
-                    gx += dot * cr.dwdx[t];
-                    gm += dot * cr.w[t];
-                  }
-                  pp[0] = gy * m;
-                  pp[1] = gx * m;
-                  pp[2] = gm;
-                }
+        });
+        // reduce the block partials in block order (deterministic)
+        at::parallel_for(q0, q1, 64, [&](int64_t r0, int64_t r1) {
+          for (int64_t q = r0; q < r1; ++q) {
+            T* go_row = goff + q * g.OG * 2 * K;
+            T* gm_row = gmask ? gmask + q * g.OG * K : nullptr;
+            for (int64_t b = 0; b < NB; ++b) {
+              const int64_t og = blocks[b].og;
+              const T* pp = part + ((b * P + (q - q0)) * K) * 3;
+              for (int64_t k = 0; k < K; ++k) {
+                go_row[og * 2 * K + 2 * k] += pp[3 * k];
+                go_row[og * 2 * K + 2 * k + 1] += pp[3 * k + 1];
+                if (gm_row) gm_row[og * K + k] += pp[3 * k + 2];
               }
             }
-          });
-          // reduce the block partials in block order (deterministic)
-          at::parallel_for(p0, p1, 64, [&](int64_t q0, int64_t q1) {
-            for (int64_t p = q0; p < q1; ++p) {
-              T* go_row = goff + (n * g.L + p) * g.OG * 2 * K;
-              T* gm_row = gmask ? gmask + (n * g.L + p) * g.OG * K : nullptr;
-              for (int64_t b = 0; b < NB; ++b) {
-                const int64_t og = blocks[b].og;
-                const T* pp = part + ((b * P + (p - p0)) * K) * 3;
-                for (int64_t k = 0; k < K; ++k) {
-                  go_row[og * 2 * K + 2 * k] += pp[3 * k];
-                  go_row[og * 2 * K + 2 * k + 1] += pp[3 * k + 1];
-                  if (gm_row) gm_row[og * K + k] += pp[3 * k + 2];
-                }
-              }
-            }
-          });
-        }
-        grad_in[n].copy_(grad_in_cl.permute({2, 0, 1}));
+          }
+        });
       }
     };
     if (fast) {
@@ -668,10 +688,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> deform_co
     } else {
       AT_DISPATCH_FLOATING_TYPES(ct, "dcnv2_deform_conv2d_backward", [&] { body(scalar_t{}, scalar_t{}); });
     }
+    grad_w = at::stack(gw);
   }
+  const at::Tensor grad_in = grad_in_cl.permute({0, 3, 1, 2});
 
   const auto in_t = input.scalar_type();
-  at::Tensor grad_input = grad_in.to(in_t);
+  at::Tensor grad_input = grad_in.contiguous().to(in_t);
   at::Tensor grad_offset = grad_off_r.view({g.N, g.Ho, g.Wo, g.OG * 2 * g.K}).permute({0, 3, 1, 2}).contiguous().to(in_t);
   at::Tensor grad_mask = mask ? grad_mask_r.view({g.N, g.Ho, g.Wo, g.OG * g.K}).permute({0, 3, 1, 2}).contiguous().to(in_t)
                               : at::empty({0}, input.options());
