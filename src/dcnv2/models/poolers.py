@@ -4,6 +4,11 @@ All are called like ``torchvision.ops.MultiScaleRoIAlign`` — ``pool(features, 
 so they drop into torchvision's ``RoIHeads``. :class:`RoIPooler` covers the two regular rows of Table 1:
 RoIPool (quantised bins) and aligned RoIAlign (``aligned=True``, the pixel-centre model our deformable
 pooling uses, so that a deformable layer with zero offsets pools exactly what ``"align"`` pools).
+
+On CPU, RoIAlign runs through our deformable RoI pooling kernel with no offsets: the same bins and samples
+as ``torchvision.ops.roi_align`` (bit-identical results, tested), a deterministic backward and about 5x
+faster forward+backward (torchvision's CPU backward is serial; it was 22 % of the demo's regular training
+step). Exports and compiled graphs keep ``torchvision.ops.roi_align`` (ONNX ``RoiAlign``).
 """
 from __future__ import annotations
 
@@ -15,6 +20,9 @@ from torchvision.ops import roi_align, roi_pool
 from torchvision.ops.poolers import _convert_to_roi_format, _filter_input, _setup_scales
 
 from dcnv2.nn import DeformRoIPool, ModulatedDeformRoIPool
+from dcnv2.nn.deform_roi_pool import pool_by_level
+from dcnv2.ops import deform_roi_pool
+from dcnv2.ops._native import HAS_NATIVE
 
 __all__ = ["RoIPooler", "make_roi_pool"]
 
@@ -51,6 +59,9 @@ class RoIPooler(nn.Module):
     def _pool_level(self, x: Tensor, rois: Tensor, scale: float) -> Tensor:
         if self.mode == "roipool":
             return roi_pool(x, rois, self.output_size, scale)
+        if _native_roi_align(x):
+            return deform_roi_pool(x, rois, None, None, self.output_size, scale, self.sampling_ratio,
+                                   aligned=self.aligned)
         return roi_align(x, rois, self.output_size, scale, self.sampling_ratio, self.aligned)
 
     def forward(self, x: Dict[str, Tensor], boxes: List[Tensor], image_shapes: List[Tuple[int, int]]) -> Tensor:
@@ -62,15 +73,19 @@ class RoIPooler(nn.Module):
         if len(feats) == 1:
             return self._pool_level(feats[0], rois, scales[0])
         levels = mapper(boxes)
-        result = feats[0].new_zeros((rois.shape[0], feats[0].shape[1]) + self.output_size)
-        for level, (f, scale) in enumerate(zip(feats, scales)):
-            idx = torch.where(levels == level)[0]
-            result[idx] = self._pool_level(f, rois[idx], scale).to(result.dtype)
-        return result
+        dtype = feats[0].dtype
+        return pool_by_level(levels, len(feats),
+                             lambda level, idx: self._pool_level(feats[level], rois[idx], scales[level]).to(dtype))
 
     def extra_repr(self) -> str:
         return (f"featmap_names={self.featmap_names}, output_size={self.output_size}, mode={self.mode!r}, "
                 f"sampling_ratio={self.sampling_ratio}, aligned={self.aligned}")
+
+
+def _native_roi_align(x: Tensor) -> bool:
+    """RoIAlign through our C++ kernel: CPU tensors, eager mode (exports keep torchvision's op)."""
+    return (HAS_NATIVE and x.device.type == "cpu" and not torch.onnx.is_in_onnx_export()
+            and not torch.jit.is_tracing() and not torch.jit.is_scripting() and not torch.compiler.is_compiling())
 
 
 def make_roi_pool(kind: str, featmap_names: Sequence[str], output_size: int, in_channels: int, *,

@@ -19,7 +19,32 @@ from torchvision.ops.poolers import _filter_input, _setup_scales
 from dcnv2.ops import _checks
 from dcnv2.ops.deform_roi_pool import deform_roi_pool, rois_to_tensor
 
-__all__ = ["DeformRoIPool", "ModulatedDeformRoIPool"]
+__all__ = ["DeformRoIPool", "ModulatedDeformRoIPool", "pool_by_level"]
+
+
+def pool_by_level(levels: Tensor, num_levels: int, pool_level) -> Tensor:
+    """Multi-level RoI pooling: ``pool_level(level, idx)`` pools the RoIs ``idx`` (all of whose level is
+    ``level``) and the results come back in the RoIs' order.
+
+    The levels' results are concatenated and put in order by one ``index_select`` (its backward one
+    ``index_add``): filling a zeroed result level by level copies the whole result once per level, and
+    autograd copies it again in the backward (at 512 RoIs x 128 x 7 x 7 that was 8 full copies of 13 MB
+    per training step).
+    """
+    parts, order = [], []
+    for level in range(num_levels):
+        idx = torch.where(levels == level)[0]
+        if idx.numel():
+            parts.append(pool_level(level, idx))
+            order.append(idx)
+    if not parts:  # no RoIs: the empty result, with its shape, from level 0
+        return pool_level(0, levels.new_zeros((0,), dtype=torch.long))
+    if len(parts) == 1:
+        return parts[0]
+    order_t = torch.cat(order)
+    inverse = torch.empty_like(order_t)
+    inverse[order_t] = torch.arange(order_t.numel(), device=order_t.device)
+    return torch.cat(parts).index_select(0, inverse)
 
 
 class _DeformRoIPoolBase(nn.Module):
@@ -161,16 +186,15 @@ class _DeformRoIPoolBase(nn.Module):
                   aligned=self.aligned)
         if levels is None:
             return deform_roi_pool(feats[0], rois, offset, mask, spatial_scale=scales[0], **kw)
-        f0 = feats[0]
-        result = f0.new_zeros((rois.shape[0], f0.shape[1]) + self.output_size)
-        for level, (f, scale) in enumerate(zip(feats, scales)):
-            idx = torch.where(levels == level)[0]
-            pooled = deform_roi_pool(
-                f, rois[idx], offset[idx] if offset is not None else None,
-                mask[idx] if mask is not None else None, spatial_scale=scale, **kw,
-            )
-            result = result.index_copy(0, idx, pooled.to(result.dtype))
-        return result
+        dtype = feats[0].dtype
+
+        def pool_level(level: int, idx: Tensor) -> Tensor:
+            return deform_roi_pool(
+                feats[level], rois[idx], offset[idx] if offset is not None else None,
+                mask[idx] if mask is not None else None, spatial_scale=scales[level], **kw,
+            ).to(dtype)
+
+        return pool_by_level(levels, len(feats), pool_level)
 
     def extra_repr(self) -> str:
         s = (f"in_channels={self.in_channels}, output_size={self.output_size}, "
