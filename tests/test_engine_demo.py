@@ -48,7 +48,7 @@ def test_demo_with_fixed_iterations_writes_every_output(tmp_path, capsys):
 
 def test_demo_on_a_time_budget_reports_planned_and_ran(tmp_path, capsys):
     out = tmp_path / "demo"
-    assert main(["demo", "--out", str(out), "--minutes", "1.5", "--presets", "regular",
+    assert main(["demo", "--out", str(out), "--minutes", "1.5", "--presets", "regular", "--fit-budget",
                  "--pretrain-fraction", "0.3"] + TINY) == 0
     printed = capsys.readouterr().out
     assert "planned" in printed and "ran" in printed

@@ -28,10 +28,16 @@ def _fmt_s(s: float) -> str:
 
 def compare_presets(presets: Sequence[str], train_set, val_set, out_dir, *, recipe: SyntheticRecipe,
                     budget_s: float, iters: Optional[int] = None, seed: int = 0, progress: bool = True,
-                    log: Callable[[str], None] = print, collate_fn=None) -> Dict[str, Dict[str, Any]]:
+                    log: Callable[[str], None] = print, collate_fn=None,
+                    safety_net: bool = False) -> Dict[str, Dict[str, Any]]:
     """Trains every preset and evaluates each on ``val_set``.
 
-    With ``iters``, every preset trains exactly that many iterations. Without, the run fits ``budget_s``
+    With ``iters``, every preset trains exactly that many iterations (and ``recipe.pretrain_iters`` crop
+    pre-training iterations): a row is a function of its seed. ``safety_net`` keeps ``budget_s`` as a limit
+    on top of that fixed schedule: the same speed probe shares the budget among the phases, and a phase
+    whose machine is too slow to finish in its share stops early (reported as ``stopped_early``, the
+    phase's lr schedule shrinking with it); a fast machine runs the schedule as given. Without ``iters``,
+    the run fits ``budget_s``
     (training + evaluation of all of them): a speed probe makes the first plan (the same iteration count
     for every preset), then each preset trains on its share of the time left with a re-planning schedule
     (:class:`dcnv2.engine.timekeeping.IterationPlanner`), so a machine that turns faster or slower than
@@ -56,6 +62,7 @@ def compare_presets(presets: Sequence[str], train_set, val_set, out_dir, *, reci
     eval_est = {p: spe[p] * len(val_set) * 1.15 + 5 for p in presets}  # + COCOeval, checkpoints
     ipe = ResumableBatchSampler.batches_per_epoch(len(train_set), recipe.batch_size, 1)
     timed = iters is None
+    safety = not timed and safety_net  # a fixed schedule under a time limit
     use_pretrain = (recipe.pretrain_fraction > 0) if timed else (recipe.pretrain_iters > 0)
     crops = val_crops = None
     spc = {p: 0.0 for p in presets}  # seconds per crop-classifier iteration
@@ -63,7 +70,7 @@ def compare_presets(presets: Sequence[str], train_set, val_set, out_dir, *, reci
     if use_pretrain:
         crops = ObjectCrops(train_set, size=recipe.pretrain_crop_size, jitter=True)
         val_crops = ObjectCrops(val_set, size=recipe.pretrain_crop_size, jitter=False)
-        if timed:
+        if timed or safety:
             for preset in presets:
                 spc[preset] = seconds_per_crop_iteration(preset, crops, backbone=recipe.backbone,
                                                          batch_size=recipe.pretrain_batch_size)
@@ -85,9 +92,13 @@ def compare_presets(presets: Sequence[str], train_set, val_set, out_dir, *, reci
             f"~{_fmt_s(iters * sum(spi.values()))} training + ~{_fmt_s(sum(eval_est.values()))} evaluation. "
             "Each phase re-plans as it trains, to end on time whatever the machine's speed does")
     else:
-        log(f"schedule: {iters} iterations per model x batch {recipe.batch_size} = "
+        pre_note = (f"{pre_iters} crop-classifier iterations x batch {recipe.pretrain_batch_size} (~"
+                    f"{_fmt_s(pre_iters * sum(spc.values()))}), then " if use_pretrain else "")
+        log(f"schedule: {pre_note}{iters} detector iterations per model x batch {recipe.batch_size} = "
             f"{iters * recipe.batch_size / len(train_set):.1f} epochs of {len(train_set)} images; "
-            f"expected ~{_fmt_s(iters * sum(spi.values()))} training + ~{_fmt_s(sum(eval_est.values()))} evaluation")
+            f"expected ~{_fmt_s(iters * sum(spi.values()))} training + ~{_fmt_s(sum(eval_est.values()))} evaluation"
+            + (f"; the time limit ({_fmt_s(budget_s)} left) only stops a phase early on a machine too slow for it"
+               if safety else ""))
 
     results: Dict[str, Dict[str, Any]] = {}
     eval_ratio = 1.0  # measured / estimated evaluation time, carried from the models already evaluated
@@ -109,7 +120,7 @@ def compare_presets(presets: Sequence[str], train_set, val_set, out_dir, *, reci
         t_model = time.perf_counter()
         pretrain = None
         if use_pretrain:
-            pre_budget = time_share(preset, "pretrain", presets[k:]) if timed else None
+            pre_budget = time_share(preset, "pretrain", presets[k:]) if (timed or safety) else None
             pre_planned = max(1, int(pre_budget / spc[preset])) if timed else pre_iters
             log(f"{preset}: pre-training its backbone on object crops ({pre_planned} iterations"
                 + (f", ~{_fmt_s(pre_budget)})" if timed else ")"))
@@ -118,17 +129,21 @@ def compare_presets(presets: Sequence[str], train_set, val_set, out_dir, *, reci
                                          iterations=pre_planned, time_budget_s=pre_budget,
                                          crop_size=recipe.pretrain_crop_size, batch_size=recipe.pretrain_batch_size,
                                          lr=recipe.pretrain_lr, seed=seed, progress=progress, crops=crops,
-                                         val_crops=val_crops)
+                                         val_crops=val_crops, budget_shortens_only=safety)
             load_backbone_checkpoint(models[preset], pretrain["checkpoint"], offsets="pretrained")
             note = (f"planned {pretrain['planned_iterations']} iterations, ran {pretrain['iterations']}; "
                     if timed else "")
+            if pretrain.get("stopped_early"):
+                note = (f"STOPPED EARLY by the time limit: ran {pretrain['iterations']} of "
+                        f"{pretrain['planned_iterations']} iterations; ")
             log(f"{preset}: crop classifier top-1 {100 * pretrain['accuracy']:.1f}% on the validation objects "
                 f"({note}{_fmt_s(time.perf_counter() - t_model)}); its trunk, offsets included, initialises "
                 "the detector")
         tail = None
-        if timed:
+        if timed or safety:
             share = time_share(preset, "detector", presets[k:])
-            planned = max(1, int(share / spi[preset]))
+            planned = max(1, int(share / spi[preset])) if timed else iters
+            overrides["time_budget_shortens_only"] = safety
             # the budget covers this model's evaluation too, which slows down with the machine: the planner
             # keeps the evaluation's estimate x (measured / probed step time) free at the end
             eval_s = eval_ratio * eval_est[preset]
@@ -149,13 +164,15 @@ def compare_presets(presets: Sequence[str], train_set, val_set, out_dir, *, reci
         eval_ratio = max(0.5, (t2 - t1) / eval_est[preset])
         results[preset] = {
             "metrics": ev["metrics"], "sec_per_iter": (t1 - t0) / max(1, ran), "iterations": ran,
-            "planned_iterations": planned, "pretrain": None if pretrain is None else {
+            "planned_iterations": planned, "stopped_early": bool(run.get("stopped_early")), "pretrain": None if pretrain is None else {
                 k: (str(v) if k == "checkpoint" else v) for k, v in pretrain.items()},
             "pretrain_s": t0 - t_model, "train_s": t1 - t0, "eval_s": t2 - t1, "run_dir": str(run_dir),
             "params": count_parameters(model), "predictions": ev["predictions"],
         }
         bbox = ev["metrics"]["bbox"]
         plan_note = f"planned {planned} iterations, ran {ran}; " if timed else ""
+        if run.get("stopped_early"):
+            plan_note = f"STOPPED EARLY by the time limit: ran {ran} of {planned} iterations; "
         log(f"{preset}: AP {100 * bbox['AP']:.1f}, AP50 {100 * bbox['AP50']:.1f} "
             f"({plan_note}trained in {_fmt_s(t1 - t0)}, evaluated in {_fmt_s(t2 - t1)})")
     summary = {p: {k: v for k, v in r.items() if k != "predictions"} for p, r in results.items()}

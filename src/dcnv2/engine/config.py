@@ -21,7 +21,9 @@ class TrainConfig:
 
     ``time_budget_s`` turns the iteration count into a first estimate: training re-plans the number of
     iterations as it goes so that it ends within the budget, and the schedule (warm-up aside) stretches or
-    shrinks with it - lr steps and the cosine stay at the same fraction of the run.
+    shrinks with it - lr steps and the cosine stay at the same fraction of the run. With
+    ``time_budget_shortens_only`` the iteration count is the schedule and the budget only a safety net: a
+    machine too slow for it stops early (the schedule shrinking as above), a fast one runs it as given.
     """
 
     out: str = "runs/train"
@@ -40,6 +42,7 @@ class TrainConfig:
     lr_schedule: str = "step"                # "step" (lr_steps, gamma) or "cosine" (to min_lr_factor)
     min_lr_factor: float = 0.0               # cosine: lr multiplier at the end of the schedule
     time_budget_s: Optional[float] = None    # wall-clock budget of the training loop; re-plans iterations
+    time_budget_shortens_only: bool = False  # the budget may cut the schedule short, never lengthen it
     amp: bool = False                        # autocast: bfloat16 on CPU, float16 (+ GradScaler) on CUDA
     clip_grad_norm: Optional[float] = None
     checkpoint_every: int = 1000             # iterations; a checkpoint is also written at the end

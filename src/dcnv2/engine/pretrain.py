@@ -166,7 +166,8 @@ def pretrain_backbone(preset: str, train_set, out: Union[str, Path], *, backbone
                       val_set=None, iterations: int = 200, time_budget_s: Optional[float] = None,
                       crop_size: int = 48, batch_size: int = 64, lr: float = 2e-3, seed: int = 0,
                       progress: bool = True, crops: Optional[ObjectCrops] = None,
-                      val_crops: Optional[ObjectCrops] = None) -> Dict[str, Any]:
+                      val_crops: Optional[ObjectCrops] = None,
+                      budget_shortens_only: bool = False) -> Dict[str, Any]:
     """Trains a classifier with the trunk of detector preset ``preset`` on the object crops of ``train_set``.
 
     Args:
@@ -175,13 +176,14 @@ def pretrain_backbone(preset: str, train_set, out: Union[str, Path], *, backbone
         train_set, val_set: COCO-format detection sets (``val_set`` only scores the classifier).
         crops, val_crops: their :class:`ObjectCrops`, when already built (otherwise built here).
         out: the run directory (``model_final.pth``, ``log.jsonl``, checkpoints).
-        iterations: the schedule's length, or its first estimate with ``time_budget_s`` (re-planned).
+        iterations: the schedule's length, or its first estimate with ``time_budget_s`` (re-planned; with
+            ``budget_shortens_only`` the budget only stops a run too slow for it early).
         crop_size, batch_size, lr, seed: the recipe (AdamW, warm-up then cosine, label smoothing 0.1,
             offset/mask branches at 0.1× lr).
 
     Returns:
-        ``{"checkpoint": path of model_final.pth, "iterations", "planned_iterations", "accuracy" (top-1 on
-        the validation crops, or None), "crops": training crop count}``.
+        ``{"checkpoint": path of model_final.pth, "iterations", "planned_iterations", "stopped_early",
+        "accuracy" (top-1 on the validation crops, or None), "crops": training crop count}``.
     """
     from dcnv2.engine.classification import collate_train
     from dcnv2.engine.config import TrainConfig
@@ -194,11 +196,13 @@ def pretrain_backbone(preset: str, train_set, out: Union[str, Path], *, backbone
     config = TrainConfig(out=str(out), max_iters=iterations, epochs=0, batch_size=batch_size, lr=lr,
                          optimizer="adamw", weight_decay=1e-4, warmup_iters=min(20, max(1, iterations // 10)),
                          warmup_factor=0.1, lr_schedule="cosine", lr_steps=(), time_budget_s=time_budget_s,
-                         checkpoint_every=max(50, iterations), log_every=5, num_workers=0, seed=seed,
+                         time_budget_shortens_only=budget_shortens_only, checkpoint_every=max(50, iterations),
+                         log_every=5, num_workers=0, seed=seed,
                          progress=progress)
     run = train(model, crops, config, model_spec=spec, collate_fn=collate_train)
     if val_crops is None and val_set is not None:
         val_crops = ObjectCrops(val_set, size=crop_size, jitter=False)
     accuracy = crop_accuracy(model, val_crops) if val_crops is not None else None
     return {"checkpoint": Path(run["final_model"]), "iterations": run["iteration"],
-            "planned_iterations": run["planned_iterations"], "accuracy": accuracy, "crops": len(crops)}
+            "planned_iterations": run["planned_iterations"], "stopped_early": bool(run.get("stopped_early")),
+            "accuracy": accuracy, "crops": len(crops)}

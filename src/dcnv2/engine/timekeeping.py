@@ -35,6 +35,8 @@ class IterationPlanner:
         clock: seconds as a float (default: :func:`now`, looked up at every call).
         tail: seconds to keep free before the deadline for work after the run (an evaluation), as a
             function of the current seconds per iteration - work that slows down with the machine.
+        cap: never plan more than this many iterations in total: the budget is then only a safety net
+            that shortens a fixed schedule on a machine too slow for it, and never lengthens it.
 
     Attributes:
         planned: the first estimate (kept for the "planned N, ran M" report).
@@ -43,18 +45,21 @@ class IterationPlanner:
 
     def __init__(self, budget_s: float, planned: int, *, start: int = 0, min_iters: int = 1, window: int = 20,
                  clock: Optional[Callable[[], float]] = None,
-                 tail: Optional[Callable[[float], float]] = None):
+                 tail: Optional[Callable[[float], float]] = None, cap: Optional[int] = None):
         if not (isinstance(budget_s, (int, float)) and math.isfinite(budget_s) and budget_s > 0):
             raise ValueError(f"IterationPlanner: budget_s must be a positive number of seconds, got {budget_s!r}")
         if not (isinstance(planned, int) and planned >= 1):
             raise ValueError(f"IterationPlanner: planned must be an int >= 1, got {planned!r}")
         if not (isinstance(window, int) and window >= 1):
             raise ValueError(f"IterationPlanner: window must be an int >= 1, got {window!r}")
+        if cap is not None and not (isinstance(cap, int) and cap >= 1):
+            raise ValueError(f"IterationPlanner: cap must be None or an int >= 1, got {cap!r}")
         self._clock = clock or (lambda: now())
+        self.cap = cap
         self._tail = tail
         self.deadline = self._clock() + float(budget_s)
         self.planned = planned
-        self.total = max(planned, min_iters)
+        self.total = max(planned if cap is None else min(planned, cap), min_iters)
         self.min_iters = min_iters
         self._steps: Deque[float] = deque(maxlen=window)
         self._first: Optional[float] = None  # the run's first step: allocations, lazy initialisation
@@ -88,7 +93,8 @@ class IterationPlanner:
             fit = self.total - iteration
         else:
             fit = int(left // sec)
-        self.total = max(iteration + fit, self.min_iters)
+        total = iteration + fit if self.cap is None else min(iteration + fit, self.cap)
+        self.total = max(total, self.min_iters)
         return self.total
 
     def left_s(self) -> float:

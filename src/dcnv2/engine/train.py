@@ -197,7 +197,9 @@ def train(
             evaluation), as a function of the measured seconds per iteration (see ``IterationPlanner``).
 
     Returns:
-        ``{"iteration", "loss", "checkpoint", "final_model", "log"}`` (paths are None on ranks > 0).
+        ``{"iteration", "planned_iterations", "stopped_early", "loss", "checkpoint", "final_model", "log"}``
+        (paths are None on ranks > 0; ``stopped_early``: a ``time_budget_shortens_only`` run that its budget
+        cut short).
 
     Raises:
         NonFiniteLossError: a loss was NaN/inf (all ranks raise; the last good checkpoint is kept).
@@ -261,7 +263,8 @@ def train(
     if config.time_budget_s is not None:
         # the plan is made on rank 0's clock and broadcast, so every rank runs the same number of steps
         planner = IterationPlanner(config.time_budget_s, max(total, start + 1), start=start, min_iters=start + 1,
-                                   tail=time_tail)
+                                   tail=time_tail,
+                                   cap=max(total, start + 1) if config.time_budget_shortens_only else None)
         planned = total
     else:
         planned = total
@@ -354,6 +357,10 @@ def train(
         if bar is not None:
             bar.close()
 
+    # a schedule cut short by its time budget says so in the log (the caller reports it)
+    stopped_early = bool(planner is not None and config.time_budget_shortens_only and it < planned)
+    if stopped_early:
+        log.write({"iter": it, "event": "stopped early by the time budget", "planned": planned, "ran": it})
     final = None
     if main:
         final = out / FINAL_MODEL
@@ -368,6 +375,6 @@ def train(
         except Exception as exc:  # a plot must never fail a finished run
             warnings.warn(f"could not plot the loss curve: {exc}", stacklevel=2)
     D.barrier()
-    return {"iteration": it, "planned_iterations": planned, "loss": loss_value,
+    return {"iteration": it, "planned_iterations": planned, "stopped_early": stopped_early, "loss": loss_value,
             "checkpoint": ckpt_path if main else None,
             "final_model": final, "log": out / LOG_FILE if main else None}
