@@ -139,3 +139,45 @@ def test_train_with_a_time_budget_replans_and_reports(tmp_path, monkeypatch):
     # the cosine reached (close to) its end at the re-planned length, not at 40
     assert log[-1]["lr"] < 0.01 * 0.2
     assert (tmp_path / "model_final.pth").is_file()
+
+
+def test_planner_cap_never_lengthens_a_fixed_schedule():
+    clock = FakeClock()
+    planner = IterationPlanner(100.0, 30, clock=clock, cap=30)
+    it, total = 0, planner.total
+    while it < total:  # 1 s per step: the budget would fit 100
+        clock.t += 1.0
+        it += 1
+        total = planner.step_done(it)
+    assert it == 30 and planner.total == 30
+    with pytest.raises(ValueError, match="cap"):
+        IterationPlanner(10.0, 5, cap=0)
+
+
+@pytest.mark.parametrize("step_s,stops", [(1.0, False), (3.0, True)])
+def test_fixed_schedule_safety_net_stops_a_slow_machine_within_the_budget(tmp_path, monkeypatch, step_s, stops):
+    """A fixed 30-iteration schedule planned at 1 s per step with a 36 s limit: at the planned speed it runs
+    all 30 (never more); on a machine 3x slower it stops inside the limit and reports that it stopped early."""
+    clock = FakeClock()
+    monkeypatch.setattr(timekeeping, "now", clock)
+    model = tiny_detector()
+    forward = model.forward
+
+    def timed_forward(*args, **kwargs):
+        clock.t += step_s
+        return forward(*args, **kwargs)
+
+    model.forward = timed_forward
+    cfg = TrainConfig(out=str(tmp_path), batch_size=2, lr=0.01, max_iters=30, warmup_iters=0, lr_schedule="cosine",
+                      time_budget_s=36.0, time_budget_shortens_only=True, log_every=1, num_workers=0,
+                      progress=False)
+    t0 = clock.t
+    result = train(model, TinyShapes(n=8), cfg)
+    log = [json.loads(line) for line in (tmp_path / LOG_FILE).read_text().splitlines()]
+    assert result["planned_iterations"] == 30 and result["stopped_early"] is stops
+    if stops:
+        assert 1 <= result["iteration"] < 30
+        assert clock.t - t0 <= 36.0
+        assert log[-1]["event"] == "stopped early by the time budget" and log[-1]["ran"] == result["iteration"]
+    else:
+        assert result["iteration"] == 30 and not any("event" in r for r in log)
