@@ -197,9 +197,11 @@ def test_training_lowers_the_loss_on_a_fixed_batch(tmp_path):
     images = torch.randn(4, 3, 32, 32)
     data = [(images[i], i % 2) for i in range(4)]
     model = classifier("dcnv2", "resnet18", num_classes=2, label_smoothing=0.0)
-    train(model, data, _cfg(tmp_path, batch_size=4, max_iters=12, lr=0.05, warmup_iters=0), collate_fn=collate_train)
+    # a 4-image batch in BatchNorm training mode makes the first steps chaotic (their losses move with the
+    # GEMM's rounding); 20 steps settle: the last three all end far below the first
+    train(model, data, _cfg(tmp_path, batch_size=4, max_iters=20, lr=0.05, warmup_iters=0), collate_fn=collate_train)
     losses = [r["loss"] for r in _log(tmp_path)]
-    assert losses[-1] < 0.5 * losses[0], losses
+    assert max(losses[-3:]) < 0.5 * losses[0], losses
 
 
 def test_hostile_inputs_give_clear_errors(tmp_path, synth_dir, capsys):

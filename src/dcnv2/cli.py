@@ -39,7 +39,12 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"dcnv2 {args.command}: interrupted", file=sys.stderr)
         return 130
     except (ValueError, TypeError, FileNotFoundError, RuntimeError, OSError) as exc:
-        print(f"dcnv2 {args.command}: error: {exc}", file=sys.stderr)
+        text = str(exc)
+        if "Original Traceback" in text:  # raised in a DataLoader worker: its message, not the worker's traceback
+            from dcnv2.engine.train import exception_message
+
+            text = exception_message(exc)
+        print(f"dcnv2 {args.command}: error: {text}", file=sys.stderr)
         return 2
 
 

@@ -56,13 +56,17 @@ def add_parser(sub) -> None:
     k.set_defaults(func=run_synth_cls)
 
     c = actions.add_parser(
-        "check", help="validate a COCO-format data set and print its statistics",
-        description="Load DIR/annotations/instances_{split}.json with every check the loader runs (JSON, ids, "
-                    "boxes, categories, segmentations, image files), print per-class counts and the COCO size "
-                    "ranges; --decode also opens every image.",
+        "check", help="validate a COCO-format detection set or an ImageFolder classification set",
+        description="COCO format (DIR/annotations/instances_{split}.json): load it with every check the loader "
+                    "runs (JSON, ids, boxes, categories, segmentations, image files), print per-class counts and "
+                    "the COCO size ranges. ImageFolder (DIR/<split>/<class>/*.png): every split holds images, the "
+                    "class folders agree between splits, every file is an image whose header opens in a mode "
+                    "with an RGB form, no file is there twice; every problem is listed by path (exit status 1). "
+                    "--decode also decodes every image (and mask).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     c.add_argument("data", help="data set directory")
-    c.add_argument("--splits", nargs="+", default=None, help="default: every annotations/instances_*.json")
+    c.add_argument("--splits", nargs="+", default=None,
+                   help="default: every annotations/instances_*.json (COCO) or every split folder (ImageFolder)")
     c.add_argument("--decode", action="store_true", help="also decode every image and mask")
     c.set_defaults(func=run_check)
 
@@ -145,8 +149,13 @@ def write_preview(data_dir: Path, split: str, out: Path, count: int = 12) -> Pat
 
 def run_check(args) -> int:
     from dcnv2.data import load_split
+    from dcnv2.data.image_folder import check_image_folder, looks_like_image_folder
 
     root = Path(args.data)
+    if looks_like_image_folder(root):
+        report = check_image_folder(root, args.splits, decode=args.decode, progress=True)
+        print(report.format())
+        return 0 if report.ok else 1
     splits = args.splits or sorted(p.name[len("instances_"):-len(".json")]
                                    for p in (root / "annotations").glob("instances_*.json"))
     if not splits:

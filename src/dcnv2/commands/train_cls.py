@@ -35,6 +35,9 @@ def add_parser(sub) -> None:
     g.add_argument("--min-crop-scale", type=float, default=0.08, help="RandomResizedCrop's smallest area fraction")
     g.add_argument("--no-flip", action="store_true")
     g.add_argument("--workers", type=int, default=2, help="data loader processes per training process")
+    g.add_argument("--decode", action="store_true",
+                   help="the data check before training decodes every image (default: headers only)")
+    g.add_argument("--skip-check", action="store_true", help="skip the data check before training")
     g = p.add_argument_group("schedule")
     g.add_argument("--epochs", type=float, default=30)
     g.add_argument("--max-iters", type=int, default=None, help="stop after this many iterations (overrides --epochs)")
@@ -99,6 +102,16 @@ def run_train(args) -> int:
     if not args.no_eval and os.path.isdir(os.path.join(args.data, args.val_split)):
         val = load_image_folder(args.data, args.val_split, train=False, image_size=args.image_size)
         check_classes(classes, val, f"{args.val_split} split")
+    if not args.skip_check:
+        from dcnv2.data.image_folder import check_image_folder
+
+        report = check_image_folder(args.data, [args.train_split] + ([args.val_split] if val is not None else []),
+                                    decode=args.decode)
+        if not report.ok:
+            listed = "\n  ".join(report.problems[:50])
+            more = f"\n  ... and {len(report.problems) - 50} more" if len(report.problems) > 50 else ""
+            raise ValueError(f"{len(report.problems)} problem(s) in {args.data} (`dcnv2 data check {args.data}` "
+                             f"lists them; --skip-check trains anyway):\n  {listed}{more}")
     world = int(os.environ.get("WORLD_SIZE", "1"))
     iters_per_epoch = ResumableBatchSampler.batches_per_epoch(len(dataset), args.batch_size, world)
     warmup = args.warmup_iters if args.warmup_iters is not None else int(round(args.warmup_epochs * iters_per_epoch))

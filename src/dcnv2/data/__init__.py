@@ -1,4 +1,5 @@
-"""COCO-format detection data: the loader and its checks, transforms, and the synthetic deformed-objects set.
+"""COCO-format detection data: the loader and its checks, transforms, and the synthetic deformed-objects set;
+ImageFolder classification sets: their check and image loader (``image_folder``).
 
 Attributes resolve lazily, so ``import dcnv2.data.synthetic`` does not pull in pycocotools.
 """
@@ -7,10 +8,10 @@ from __future__ import annotations
 import importlib
 
 __all__ = ["AnnotationError", "CocoDetection", "load_split", "collate_fn", "coco", "transforms", "synthetic",
-           "semantic"]
+           "semantic", "image_folder"]
 
 _FROM_COCO = ("AnnotationError", "CocoDetection", "load_split", "collate_fn")
-_SUBMODULES = ("coco", "transforms", "synthetic", "semantic")
+_SUBMODULES = ("coco", "transforms", "synthetic", "semantic", "image_folder")
 
 
 def __getattr__(name: str):

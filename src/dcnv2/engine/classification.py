@@ -69,6 +69,8 @@ def load_image_folder(root: Union[str, Path], split: str, *, train: bool, image_
     """
     from torchvision.datasets import ImageFolder
 
+    from dcnv2.data.image_folder import load_rgb
+
     path = Path(root) / split
     layout = (f"expected ImageFolder layout {Path(root)}/{split}/<class name>/*.png (or .jpg); "
               f"`dcnv2 data synth-cls --out {root}` writes one")
@@ -78,7 +80,8 @@ def load_image_folder(root: Union[str, Path], split: str, *, train: bool, image_
         raise FileNotFoundError(f"{path} holds no class folders: {layout}")
     transform = classification_transform(train=train, image_size=image_size, min_crop_scale=min_crop_scale,
                                          flip=flip, crop_ratio=crop_ratio)
-    dataset = ImageFolder(str(path), transform=transform, allow_empty=True)
+    # load_rgb: any mode as RGB (16-bit grayscale rescaled); a file that does not decode names itself
+    dataset = ImageFolder(str(path), transform=transform, allow_empty=True, loader=load_rgb)
     if len(dataset) == 0:
         raise ValueError(f"{path} has class folders {dataset.classes} but no images in them: {layout}")
     return dataset

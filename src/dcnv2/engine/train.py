@@ -28,7 +28,7 @@ from dcnv2.engine.checkpoint import CHECKPOINT_FORMAT, get_rng_state, load_check
 from dcnv2.engine.config import ModelSpec, TrainConfig
 from dcnv2.engine.timekeeping import IterationPlanner
 
-__all__ = ["train", "NonFiniteLossError", "SeededSamples", "ResumableBatchSampler", "build_optimizer",
+__all__ = ["train", "NonFiniteLossError", "DataLoadingError", "exception_message", "SeededSamples", "ResumableBatchSampler", "build_optimizer",
            "LAST_CHECKPOINT", "FINAL_MODEL", "LOG_FILE"]
 
 LAST_CHECKPOINT = "checkpoint_last.pth"
@@ -48,6 +48,28 @@ class NonFiniteLossError(RuntimeError):
         kept = f"; last good checkpoint: {checkpoint}" if checkpoint else "; no checkpoint had been written yet"
         detail = ", ".join(f"{k}={v:.4g}" for k, v in losses.items())
         super().__init__(f"non-finite loss at iteration {iteration} ({detail}){kept}")
+
+
+class DataLoadingError(RuntimeError):
+    """A sample could not be loaded during training (a file corrupted or changed on disk after the data
+    check); the message names the file and the checkpoint the run can resume from."""
+
+    def __init__(self, iteration: int, cause: BaseException, checkpoint: Optional[Path]):
+        self.iteration = iteration
+        self.checkpoint = checkpoint
+        kept = (f"the last checkpoint is {checkpoint}: fix or remove the file, then rerun with --resume"
+                if checkpoint else "no checkpoint had been written yet")
+        super().__init__(f"{exception_message(cause)} (training stopped before iteration {iteration + 1}; {kept})")
+
+
+def exception_message(exc: BaseException) -> str:
+    """The message of ``exc`` without the traceback text that a DataLoader worker wraps around it."""
+    text = str(exc)
+    if "Original Traceback" in text:
+        last = [line for line in text.splitlines() if line.strip()][-1]
+        name, sep, rest = last.partition(": ")
+        return rest if sep and "Error" in name.split(".")[-1] else last
+    return text
 
 
 def sample_seed(seed: int, epoch: int, index: int) -> int:
@@ -297,9 +319,14 @@ def train(
             loader = DataLoader(samples, batch_sampler=batch_sampler, collate_fn=collate,
                                 num_workers=config.num_workers, pin_memory=device.type == "cuda",
                                 generator=torch.Generator().manual_seed(sample_seed(config.seed, epoch, -1 - rank)))
-            for images, targets in loader:
-                if it >= total:
+            batches = iter(loader)
+            while it < total:
+                try:
+                    images, targets = next(batches)
+                except StopIteration:
                     break
+                except (OSError, RuntimeError, ValueError) as exc:  # a file that broke after the data check
+                    raise DataLoadingError(it, exc, last_good) from None
                 images, targets = _to_device(images, targets, device)
                 with torch.autocast(device.type, dtype=amp_dtype, enabled=config.amp):
                     loss_dict = train_model(images, targets)
@@ -352,7 +379,7 @@ def train(
                         save_checkpoint(state, ckpt_path)
                         last_good = ckpt_path
                     D.barrier()
-            del loader
+            del batches, loader
     finally:
         if bar is not None:
             bar.close()
