@@ -149,3 +149,81 @@ def test_demo_figure_of_trained_models(setup, monkeypatch, capsys):
                                        root / "demo_analysis.png")
     assert path.is_file() and path.stat().st_size > 1000 and seconds > 0
     assert "spatial-support analysis" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# bad input on the same checkpoints, through the CLI in a subprocess: exit status, the argument or file
+# named, no traceback, and nothing silently moved or NaN
+
+def _cli(*args):
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "dcnv2.cli", *args], capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("where,words", [
+    (["--box", "100,100,140,130"], ["--box 100,100,140,130 does not overlap the image", "[0, 64] x [0, 64]"]),
+    (["--node", "500,10"], ["--node 500,10 is outside the image", "x must be in [0, 64)"]),
+    (["--node=-3,10"], ["--node -3,10 is outside the image"]),
+    (["--box", "10,10,5,20"], ["--box must be x1,y1,x2,y2 (finite) with x2 > x1"]),
+    (["--box", "nan,0,10,10"], ["--box must be x1,y1,x2,y2 (finite)"]),
+])
+def test_figure_refuses_places_outside_the_image(setup, where, words):
+    root, ckpts = setup
+    image = sorted((root / "data" / "val").glob("*.png"))[0]
+    proc = _cli("analyze", "figure", "--checkpoint", str(ckpts["regular"]), "--image", str(image),
+                "--out", str(root / "never.png"), *where, *FAST)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    for w in words:
+        assert w in proc.stderr
+    assert "Traceback" not in proc.stderr and not (root / "never.png").exists()
+
+
+def test_figure_clips_a_box_partly_outside_and_says_so(setup):
+    root, ckpts = setup
+    image = sorted((root / "data" / "val").glob("*.png"))[0]
+    proc = _cli("analyze", "figure", "--checkpoint", str(ckpts["mdconv-c3c5-mdpool"]), "--image", str(image),
+                "--out", str(root / "clipped.png"), "--box", "40,-10,90,30", *FAST)
+    assert proc.returncode == 0, proc.stderr
+    assert "box (40, 0, 64, 30, clipped to the image)" in proc.stdout
+    assert "nan" not in proc.stdout.lower() and (root / "clipped.png").is_file()
+
+
+def test_image_node_is_never_moved_silently(setup):
+    from dcnv2.analysis.nodes import ImageNode, prepare_image, trunk_of
+
+    _, ckpts = setup
+    model, _ = load_analysis_model(ckpts["regular"])
+    x = prepare_image(model, torch.rand(3, 64, 64)).tensor
+    with pytest.raises(ValueError, match=r"outside the 64x64 input: x must be in \[0, 64\)"):
+        ImageNode(trunk_of(model), 70.0, 5.0).response(x)
+
+
+def test_predict_skips_degenerate_and_corrupt_images_and_processes_the_rest(setup, tmp_path):
+    from PIL import Image
+
+    root, ckpts = setup
+    good = sorted((root / "data" / "val").glob("*.png"))[0]
+    thin = tmp_path / "thin.png"
+    Image.new("RGB", (900, 3), (200, 10, 10)).save(thin)
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not a png")
+    out = tmp_path / "pred"
+    proc = _cli("predict", str(thin), str(broken), str(good), "--checkpoint", str(ckpts["regular"]), "--out", str(out))
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert f"image {str(thin)!r} skipped: the 900x3 image would be resized to" in proc.stderr
+    assert str(broken) in proc.stderr and "2 of 3 images failed" in proc.stderr
+    assert "Traceback" not in proc.stderr and (out / f"{good.stem}.png").is_file()
+
+
+def test_eval_gives_a_degenerate_image_no_detections_and_names_it(setup):
+    from dcnv2.engine import load_model
+    from dcnv2.engine.evaluate import inference
+
+    _, ckpts = setup
+    model, _ = load_model(ckpts["regular"])
+    samples = [(torch.rand(3, 2, 700), {"image_id": torch.tensor(7)}), (torch.rand(3, 64, 64), {"image_id": torch.tensor(8)})]
+    with pytest.warns(UserWarning, match="image 7 .* gets no detections at test size 64: the 700x2 image"):
+        out = list(inference(model, samples, progress=False))
+    assert [i for i, _, _ in out] == [7, 8] and len(out[0][2]["boxes"]) == 0

@@ -195,8 +195,13 @@ class ImageNode:
         fmap = self.feature_map(x)
         h, w = fmap.shape[-2:]
         self.stride = (x.shape[-2] / h, x.shape[-1] / w)
-        row = min(max(int(self.y // self.stride[0]), 0), h - 1)
-        col = min(max(int(self.x // self.stride[1]), 0), w - 1)
+        if not (0 <= self.x < x.shape[-1] and 0 <= self.y < x.shape[-2]):
+            # never move a node elsewhere silently: the figure would be labelled with the requested place
+            raise ValueError(f"image node ({self.x:g}, {self.y:g}) is outside the {x.shape[-1]}x{x.shape[-2]} input: "
+                             f"x must be in [0, {x.shape[-1]}) and y in [0, {x.shape[-2]}) (the {self.layer!r} "
+                             f"map is {w}x{h} cells)")
+        row = min(int(self.y // self.stride[0]), h - 1)
+        col = min(int(self.x // self.stride[1]), w - 1)
         self.cell = (row, col)
         vec = fmap[:, :, row, col]
         if self.channel is not None:

@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 
 __all__ = ["add_parser", "parse_point", "parse_box"]
 
@@ -30,9 +31,32 @@ def parse_box(text: str):
         vals = [float(v) for v in text.split(",")]
     except ValueError:
         vals = []
-    if len(vals) != 4 or not (vals[2] > vals[0] and vals[3] > vals[1]):
-        raise argparse.ArgumentTypeError(f"--box must be x1,y1,x2,y2 with x2 > x1 and y2 > y1, got {text!r}")
+    if len(vals) != 4 or not all(math.isfinite(v) for v in vals) or not (vals[2] > vals[0] and vals[3] > vals[1]):
+        raise argparse.ArgumentTypeError(f"--box must be x1,y1,x2,y2 (finite) with x2 > x1 and y2 > y1, got {text!r}")
     return tuple(vals)
+
+
+def check_nodes(nodes, boxes, width: int, height: int):
+    """``--node`` points and ``--box`` boxes against an image of ``width`` x ``height`` pixels: a point must lie
+    inside it and a box must overlap it. Returns ``(boxes clipped to the image, labels)``; a clipped box's
+    label says so. Raises ValueError with the valid ranges."""
+    for x, y in nodes or ():
+        if not (0 <= x < width and 0 <= y < height):
+            raise ValueError(f"--node {x:g},{y:g} is outside the image: x must be in [0, {width}) and y in "
+                             f"[0, {height}) ({width}x{height} pixels)")
+    clipped, labels = [], []
+    for box in boxes or ():
+        x1, y1, x2, y2 = box
+        cx1, cy1, cx2, cy2 = max(x1, 0.0), max(y1, 0.0), min(x2, float(width)), min(y2, float(height))
+        if not (cx2 > cx1 and cy2 > cy1):
+            raise ValueError(f"--box {x1:g},{y1:g},{x2:g},{y2:g} does not overlap the image: it must intersect "
+                             f"[0, {width}] x [0, {height}] ({width}x{height} pixels)")
+        label = "box (" + ", ".join(f"{v:g}" for v in box) + ")"
+        if (cx1, cy1, cx2, cy2) != (x1, y1, x2, y2):
+            label = "box (" + ", ".join(f"{v:g}" for v in (cx1, cy1, cx2, cy2)) + ", clipped to the image)"
+        clipped.append((cx1, cy1, cx2, cy2))
+        labels.append(label)
+    return clipped, labels
 
 
 def _common(p) -> None:
@@ -178,12 +202,15 @@ def figure(args, log=print):
     t0 = time.perf_counter()
     options = _options(args)
     image = read_image(args.image)
+    boxes_in, box_labels = check_nodes(args.node, args.box, int(image.shape[2]), int(image.shape[1]))
+    for label in box_labels:
+        if "clipped" in label:
+            log(f"note: {label}")
     models = _models(args)
     first = prepare_image(models[0][1], image)
     sy, sx = first.scale
     specs = [NodeSpec(f"node ({x:g}, {y:g})", "image", xy=(x * sx, y * sy)) for x, y in (args.node or [])]
-    specs += [NodeSpec("box (" + ", ".join(f"{v:g}" for v in b) + ")", "roi", box=first.box_to_input(b))
-              for b in (args.box or [])]
+    specs += [NodeSpec(label, "roi", box=first.box_to_input(b)) for b, label in zip(boxes_in, box_labels)]
     boxes = masks = None
     if not specs:
         gt = _ground_truth(args.image, args.data, args.split)
@@ -214,8 +241,10 @@ def _figure_table(results) -> str:
             n = len(a.locations.weights)
             s = a.saliency
             area = f"{100 * s.area_fraction:.1f}" if s else "–"
-            err = f"{s.error:.3f}" if s else "–"
-            lines.append(f"| {name} | {a.spec.label} | ({cx:.1f}, {cy:.1f}) | {n} | {area} | {err} |")
+            err = f"{s.error:.3f}" if s and math.isfinite(s.error) else "–"
+            centroid = (f"({cx:.1f}, {cy:.1f})" if math.isfinite(cx) and math.isfinite(cy)
+                        else "– (no gradient reaches the image)")
+            lines.append(f"| {name} | {a.spec.label} | {centroid} | {n} | {area} | {err} |")
     return "\n".join(lines)
 
 

@@ -29,11 +29,21 @@ def run(args) -> int:
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model, spec = load_model(args.checkpoint, device=device)
+    import sys
+
     report = predict_images(model, spec, args.images, args.out, score_threshold=args.score_threshold, device=device)
+    failed = [item for item in report if "error" in item]
     for item in report:
+        if "error" in item:
+            print(f"dcnv2 predict: {item['error']}", file=sys.stderr)
+            continue
         dets = ", ".join(f"{d['class']} {d['score']:.2f}" for d in item["detections"][:8])
         more = f" (+{len(item['detections']) - 8})" if len(item["detections"]) > 8 else ""
         print(f"{item['image']} -> {item['output']}: {len(item['detections'])} detections{': ' if dets else ''}{dets}{more}")
     if args.json:
         (Path(args.out) / "detections.json").write_text(json.dumps(report, indent=1))
+    if failed:
+        print(f"dcnv2 predict: {len(failed)} of {len(report)} images failed (listed above); the others were "
+              f"written to {args.out}", file=sys.stderr)
+        return 1
     return 0

@@ -5,6 +5,7 @@ import contextlib
 import io
 import json
 import math
+import warnings
 from pathlib import Path
 from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple
 
@@ -65,20 +66,48 @@ def inference(model: nn.Module, dataset, *, device: Optional[torch.device] = Non
     if progress:
         from tqdm.auto import tqdm
         iterator = tqdm(iterator, desc="eval", unit="img", dynamic_ncols=True, mininterval=0.5)
+    from dcnv2.engine.predict import degenerate_image
+
     for i in iterator:
         image, target = dataset[i]
         image_id = int(target["image_id"])
         x = [image.to(device)]
-        if not scales:
+        sizes = [(s, max_size or int(math.ceil(s * ratio))) for s in scales] if scales else [(max(t.min_size),
+                                                                                                  t.max_size)]
+        runnable = []
+        for s, cap in sizes:  # an image too elongated to resize at a scale gets no detections there, and says so
+            reason = degenerate_image(image, s, cap)
+            if reason:
+                warnings.warn(f"eval: image {image_id} ({_image_name(dataset, image_id)}) gets no detections at "
+                              f"test size {s}: {reason}", stacklevel=2)
+            else:
+                runnable.append((s, cap))
+        if not runnable:
+            pred = _no_detections(image, masks=getattr(model.roi_heads, "mask_roi_pool", None) is not None)
+        elif not scales:
             pred = model(x)[0]
         else:
             per_scale = []
-            for s in scales:
-                with _test_scale(model, s, max_size or int(math.ceil(s * ratio))):
+            for s, cap in runnable:
+                with _test_scale(model, s, cap):
                     per_scale.append(model(x)[0])
             pred = per_scale[0] if len(per_scale) == 1 else merge_detections(
                 per_scale, iou_threshold=nms_iou, max_detections=max_detections)
         yield image_id, image, {k: v.detach().cpu() for k, v in pred.items()}
+
+
+def _image_name(dataset, image_id: int) -> str:
+    coco = getattr(dataset, "coco", None)
+    info = coco.imgs.get(image_id) if coco is not None and hasattr(coco, "imgs") else None
+    return str(info.get("file_name")) if info else "?"
+
+
+def _no_detections(image: torch.Tensor, masks: bool) -> Dict[str, torch.Tensor]:
+    pred = {"boxes": image.new_zeros((0, 4)), "scores": image.new_zeros((0,)),
+            "labels": torch.zeros((0,), dtype=torch.int64)}
+    if masks:
+        pred["masks"] = image.new_zeros((0, 1) + tuple(image.shape[-2:]))
+    return pred
 
 
 def to_coco_results(image_id: int, prediction: Mapping[str, torch.Tensor], label_to_category_id: Mapping[int, int],

@@ -10,7 +10,29 @@ from torch import nn
 from dcnv2.engine.checkpoint import load_checkpoint
 from dcnv2.engine.config import ModelSpec, build_model
 
-__all__ = ["load_model", "read_image", "predict_images"]
+__all__ = ["load_model", "read_image", "predict_images", "resized_size", "degenerate_image"]
+
+
+def resized_size(height: int, width: int, min_size: float, max_size: float) -> Tuple[int, int]:
+    """The (h, w) that torchvision's ``GeneralizedRCNNTransform`` resizes an image to: the shorter side to
+    ``min_size`` unless the longer side would exceed ``max_size``."""
+    import math
+
+    scale = min(float(min_size) / min(height, width), float(max_size) / max(height, width))
+    return int(math.floor(height * scale)), int(math.floor(width * scale))
+
+
+def degenerate_image(image: torch.Tensor, min_size: float, max_size: float) -> Optional[str]:
+    """Why a detector with this transform size cannot run on ``image`` Tensor[3, H, W], or None when it can:
+    an empty image, or one so elongated that its shorter side would resize to less than one pixel."""
+    h, w = int(image.shape[-2]), int(image.shape[-1])
+    if h < 1 or w < 1:
+        return f"the image is {w}x{h} pixels"
+    rh, rw = resized_size(h, w, min_size, max_size)
+    if rh < 1 or rw < 1:
+        return (f"the {w}x{h} image would be resized to {rw}x{rh} pixels (shorter side {min_size:g}, longer side at "
+                f"most {max_size:g}): its aspect ratio is too extreme for this model")
+    return None
 
 
 def load_model(checkpoint: Union[str, Path], device: Union[str, torch.device] = "cpu") -> Tuple[nn.Module, ModelSpec]:
@@ -52,9 +74,12 @@ def predict_images(model: nn.Module, spec: ModelSpec, images: Sequence[Union[str
                    score_threshold: float = 0.5, device: Optional[torch.device] = None) -> List[Dict[str, object]]:
     """Runs ``model`` on each image file and writes ``out_dir/<stem>.png`` with its detections drawn.
 
+    An image that cannot be read or run (corrupt, empty, too elongated to resize) does not stop the others:
+    its entry has ``"error"`` (the reason, naming the file) instead of ``"output"`` and ``"detections"``.
+
     Returns:
         per image ``{"image", "output", "detections": [{"label", "category_id", "class", "score", "box"}]}``
-        (detections at or above ``score_threshold``).
+        (detections at or above ``score_threshold``), or ``{"image", "error"}``.
     """
     from dcnv2.engine.plots import save_detections
 
@@ -66,8 +91,17 @@ def predict_images(model: nn.Module, spec: ModelSpec, images: Sequence[Union[str
     model.eval()
     report = []
     used = set()
+    transform = model.transform
     for path in images:
-        image = read_image(path)
+        try:
+            image = read_image(path)
+        except (ValueError, OSError) as exc:
+            report.append({"image": str(path), "error": str(exc)})
+            continue
+        reason = degenerate_image(image, max(transform.min_size), transform.max_size)
+        if reason:
+            report.append({"image": str(path), "error": f"image {str(path)!r} skipped: {reason}"})
+            continue
         pred = {k: v.cpu() for k, v in model([image.to(device)])[0].items()}
         name = Path(path).stem
         while name in used:  # two inputs with the same stem must not overwrite each other
