@@ -227,3 +227,34 @@ def test_eval_gives_a_degenerate_image_no_detections_and_names_it(setup):
     with pytest.warns(UserWarning, match="image 7 .* gets no detections at test size 64: the 700x2 image"):
         out = list(inference(model, samples, progress=False))
     assert [i for i, _, _ in out] == [7, 8] and len(out[0][2]["boxes"]) == 0
+
+
+def test_commands_refuse_a_checkpoint_of_the_wrong_kind_and_an_unusable_out(setup, tmp_path):
+    """A classifier checkpoint given to the detector commands, and an --out that cannot be created, fail
+    before any work with a message naming them."""
+    import numpy as np
+    from PIL import Image
+
+    from dcnv2.engine import ModelSpec, save_checkpoint
+    from dcnv2.engine.predict import read_image
+    from dcnv2.models import classifier
+
+    root, ckpts = setup
+    image = sorted((root / "data" / "val").glob("*.png"))[0]
+    cls = tmp_path / "cls.pth"
+    model = classifier("regular", "resnet18", num_classes=3)
+    spec = ModelSpec(arch="classifier", preset="regular", backbone="resnet18", num_classes=3)
+    save_checkpoint({"model": model.state_dict(), "model_spec": spec.to_dict()}, cls)
+    for args in (["predict", str(image), "--out", str(tmp_path / "p")],
+                 ["analyze", "figure", "--image", str(image), "--node", "5,5", "--out", str(tmp_path / "f.png")]):
+        proc = _cli(*args, "--checkpoint", str(cls))
+        assert proc.returncode == 2 and "holds a classifier" in proc.stderr and "Traceback" not in proc.stderr
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    proc = _cli("analyze", "figure", "--checkpoint", str(ckpts["regular"]), "--image", str(image), "--node", "5,5",
+                "--out", str(blocker / "fig.png"), *FAST)
+    assert proc.returncode == 2 and f"--out's folder {str(blocker)!r} cannot be created" in proc.stderr
+    # 16-bit grayscale reads as its picture (white stays white), not clipped to 255 everywhere
+    Image.fromarray(np.arange(0, 65536, 16, dtype=np.uint16).reshape(64, 64)).save(tmp_path / "g16.png")
+    x = read_image(tmp_path / "g16.png")
+    assert x.shape == (3, 64, 64) and x.min() == 0 and x.max() == 1 and 0.4 < float(x.mean()) < 0.6

@@ -189,10 +189,27 @@ def _ground_truth(image_path, data, split):
     return None
 
 
+def writable_dir(path, what: str):
+    """Creates ``path`` (a directory) if needed and checks it can be written to, before any work is done."""
+    import os
+    from pathlib import Path
+
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OSError(f"{what} {str(path)!r} cannot be created: {exc.strerror or exc}") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise OSError(f"{what} {str(path)!r} is not writable")
+    return path
+
+
 def figure(args, log=print):
     """Runs ``analyze figure``; returns (output path, {model: [NodeAnalysis]})."""
     import time
+    from pathlib import Path
 
+    writable_dir(Path(args.out).resolve().parent, "--out's folder")
     from tqdm import tqdm
 
     from dcnv2.analysis.figures import NodeSpec, figure_for_models
@@ -265,6 +282,8 @@ def focus(args, log=print):
     from dcnv2.analysis.focus import focus_records, format_focus_table, records_to_dicts, summarize
 
     t0 = time.perf_counter()
+    if args.out:
+        writable_dir(args.out, "--out")
     if args.num_images < 1 or args.objects_per_image < 1:
         raise ValueError(f"--num-images and --objects-per-image must be >= 1, got {args.num_images}, "
                          f"{args.objects_per_image}")

@@ -159,8 +159,10 @@ def run_check(args) -> int:
     splits = args.splits or sorted(p.name[len("instances_"):-len(".json")]
                                    for p in (root / "annotations").glob("instances_*.json"))
     if not splits:
-        raise FileNotFoundError(f"no annotation files {root}/annotations/instances_<split>.json; "
-                                f"a COCO-format data set has DIR/annotations/instances_<split>.json and DIR/<split>/")
+        raise FileNotFoundError(f"no annotation files {root}/annotations/instances_<split>.json and no split "
+                                f"folders with class folders: a COCO-format detection set has "
+                                f"DIR/annotations/instances_<split>.json and DIR/<split>/, an ImageFolder "
+                                f"classification set DIR/<split>/<class>/*.png")
     for split in splits:
         dataset = load_split(root, split)  # segmentations are checked, not decoded
         print(_summary(dataset, split, root))

@@ -75,7 +75,8 @@ def load_checkpoint(path: PathLike, map_location: Union[str, torch.device] = "cp
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # torch raises a zoo of types for truncated / foreign files
-        raise ValueError(f"checkpoint {str(path)!r} could not be read: {exc}") from exc
+        raise ValueError(f"checkpoint {str(path)!r} could not be read as a PyTorch checkpoint "
+                         f"({type(exc).__name__}: {exc})") from exc
     if not isinstance(state, dict) or "model" not in state:
         raise ValueError(f"checkpoint {str(path)!r} is not a dcnv2 checkpoint (expected a dict with a 'model' entry)")
     return state

@@ -39,13 +39,18 @@ def load_model(checkpoint: Union[str, Path], device: Union[str, torch.device] = 
     """The detector stored in a training checkpoint (``checkpoint_last.pth`` or ``model_final.pth``), in eval mode.
 
     Raises:
-        ValueError: the checkpoint has no model description (``model_spec``) to rebuild it from.
+        ValueError: the checkpoint has no model description (``model_spec``) to rebuild it from, or it holds
+            a classifier.
     """
     state = load_checkpoint(checkpoint)
     if not state.get("model_spec"):
         raise ValueError(f"checkpoint {str(checkpoint)!r} has no model_spec: it was not written by `dcnv2 train` "
                          "(train with a ModelSpec to make it self-describing)")
     spec = ModelSpec.from_dict(state["model_spec"])
+    if spec.arch == "classifier":
+        raise ValueError(f"checkpoint {str(checkpoint)!r} holds a classifier (preset {spec.preset!r}, `dcnv2 "
+                         f"train-cls`), not a detector: evaluate it with `dcnv2 eval-cls`, or give a checkpoint "
+                         f"of `dcnv2 train`")
     from dcnv2.models import inference_state_dict
 
     model = build_model(spec, inference=True)  # checkpoint_last.pth also holds the training-only branch
@@ -54,18 +59,19 @@ def load_model(checkpoint: Union[str, Path], device: Union[str, torch.device] = 
 
 
 def read_image(path: Union[str, Path]) -> torch.Tensor:
-    """An image file as a float tensor [3, H, W] in [0, 1] (grayscale and alpha are converted to RGB)."""
+    """An image file as a float tensor [3, H, W] in [0, 1]: any mode PIL opens (grayscale, palette, alpha,
+    CMYK, 16-bit grayscale rescaled) converted to RGB (:func:`dcnv2.data.image_folder.load_rgb`)."""
     import numpy as np
-    from PIL import Image, UnidentifiedImageError
+
+    from dcnv2.data.image_folder import ImageFileError, load_rgb
 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"image {str(path)!r} not found")
     try:
-        with Image.open(path) as im:
-            arr = np.asarray(im.convert("RGB"), dtype=np.uint8)
-    except (UnidentifiedImageError, OSError) as exc:
-        raise ValueError(f"image {str(path)!r} could not be decoded: {exc}") from exc
+        arr = np.asarray(load_rgb(path), dtype=np.uint8)
+    except ImageFileError as exc:
+        raise ValueError(f"image {str(path)!r} could not be decoded: {str(exc).split(': ', 1)[-1]}") from None
     return torch.from_numpy(arr.copy()).permute(2, 0, 1).float() / 255
 
 
