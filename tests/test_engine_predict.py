@@ -66,8 +66,9 @@ def test_predict_images_writes_pngs(trained, tmp_path):
         for d in r["detections"]:
             assert d["class"] in {"square", "bar"} and d["category_id"] in {10, 20} and len(d["box"]) == 4
     json.dumps(report)
-    with pytest.raises(FileNotFoundError, match="nope.png"):
-        predict_images(model, spec, [tmp_path / "nope.png"], tmp_path / "pred")
+    # a missing file is reported in its entry and does not stop the images after it
+    missing = predict_images(model, spec, [tmp_path / "nope.png", paths[0]], tmp_path / "pred")
+    assert "nope.png" in missing[0]["error"] and "not found" in missing[0]["error"] and "output" in missing[1]
     (tmp_path / "bad.png").write_bytes(b"not an image")
     with pytest.raises(ValueError, match="bad.png"):
         read_image(tmp_path / "bad.png")
