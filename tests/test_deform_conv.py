@@ -232,3 +232,35 @@ def test_reference_path_on_meta_device_shapes():
     x, off, w, b, conf, mask = random_case(2, N=2)
     out = deform_conv2d(x.to("meta"), off.to("meta"), w.to("meta"), b.to("meta"), mask=mask.to("meta"), **conf)
     assert out.shape == deform_conv2d(x, off, w, b, mask=mask, **conf).shape
+
+
+@pytest.mark.parametrize("req", [r for r in __import__("itertools").product((False, True), repeat=4) if any(r)])
+def test_backward_computes_only_the_gradients_autograd_asks_for(req):
+    """Every subset of (input, weight, offset, mask) requiring grad: the gradients computed equal the full
+    backward's bit for bit, the others are None, and the kernel's pass counters show the skipped passes
+    (columns + grad_w GEMM only for the weight; grad_col + scatter only for input/offset/mask; the scatter
+    without its input writes when only offset/mask are asked for)."""
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(2, 16, 9, 8, generator=g)
+    w = torch.randn(8, 16, 3, 3, generator=g)
+    off = torch.randn(2, 18, 9, 8, generator=g) * 2
+    mask = torch.rand(2, 9, 9, 8, generator=g)
+    go = torch.randn(2, 8, 9, 8, generator=g)
+    counts = torch.ops.dcnv2._deform_conv2d_backward_counts
+
+    def run(flags):
+        ts = [t.clone().requires_grad_(f) for t, f in zip((x, w, off, mask), flags)]
+        counts(x, True)
+        deform_conv2d(ts[0], ts[2], ts[1], padding=1, mask=ts[3]).backward(go)
+        return [t.grad for t in ts], counts(x, True).tolist()
+
+    full, _ = run((True,) * 4)
+    grads, (fills, w_gemms, col_gemms, scatters, dot_only) = run(req)
+    for got, want, asked in zip(grads, full, req):
+        assert (got is None) != asked
+        if asked:
+            assert torch.equal(got, want)
+    need_in, need_w, need_off = req[0], req[1], req[2] or req[3]
+    assert (fills > 0, w_gemms > 0) == (need_w, need_w)
+    assert (col_gemms > 0) == (need_in or need_off)
+    assert (scatters > 0, dot_only > 0) == (need_in, need_off and not need_in)

@@ -143,7 +143,8 @@ if HAS_NATIVE:
         return input.new_empty((N, weight.shape[0], Ho, Wo))
 
     @torch.library.register_fake("dcnv2::_deform_conv2d_backward")
-    def _fake_backward(grad, input, weight, offset, mask, bias, stride, padding, dilation, groups, offset_groups):
+    def _fake_backward(grad, input, weight, offset, mask, bias, stride, padding, dilation, groups, offset_groups,
+                       output_mask=(True, True, True)):
         empty = input.new_empty((0,))
         return (
             torch.empty_like(input, memory_format=torch.contiguous_format),
@@ -160,15 +161,18 @@ if HAS_NATIVE:
 
     def _backward(ctx, grad):
         input, weight, offset, mask, bias = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        # only what autograd asks for: a frozen layer (input only), an ERF pass, fixed offsets (weight only)
+        output_mask = [bool(need[0]), bool(need[1]), bool(need[2] or need[3])]
         g_in, g_w, g_off, g_mask, g_b = torch.ops.dcnv2._deform_conv2d_backward(
-            grad, input, weight, offset, mask, bias, *ctx.conf
+            grad, input, weight, offset, mask, bias, *ctx.conf, output_mask
         )
         return (
-            g_in,
-            g_w,
-            g_off,
-            g_mask if mask is not None else None,
-            g_b if bias is not None else None,
+            g_in if need[0] else None,
+            g_w if need[1] else None,
+            g_off if need[2] else None,
+            g_mask if mask is not None and need[3] else None,
+            g_b if bias is not None and need[4] else None,
             None, None, None, None, None,
         )
 

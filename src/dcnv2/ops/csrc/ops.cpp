@@ -9,11 +9,15 @@ TORCH_LIBRARY(dcnv2, m) {
       "deform_conv2d(Tensor input, Tensor weight, Tensor offset, Tensor? mask, Tensor? bias, "
       "int[2] stride, int[2] padding, int[2] dilation, int groups, int offset_groups) -> Tensor");
   // Returns (grad_input, grad_weight, grad_offset, grad_mask, grad_bias); grad_mask / grad_bias
-  // are empty tensors when mask / bias is None.
+  // are empty tensors when mask / bias is None. output_mask = which of (input, weight, offset and
+  // mask) autograd needs: the others are returned as zeros of their shape without being computed.
   m.def(
       "_deform_conv2d_backward(Tensor grad_output, Tensor input, Tensor weight, Tensor offset, "
       "Tensor? mask, Tensor? bias, int[2] stride, int[2] padding, int[2] dilation, int groups, "
-      "int offset_groups) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+      "int offset_groups, bool[3] output_mask=[True, True, True]) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // The CPU backward's pass counters (column fills, grad_w GEMMs, grad_col GEMMs, scatter passes,
+  // offset-only passes): tests check which passes a pruned backward ran.
+  m.def("_deform_conv2d_backward_counts(Tensor device_of, bool reset=False) -> Tensor");
   // Modulated deformable RoI pooling (DCNv2); offset=None and mask=None is RoIAlign.
   m.def(
       "deform_roi_pool(Tensor input, Tensor rois, Tensor? offset, Tensor? mask, int pooled_height, "

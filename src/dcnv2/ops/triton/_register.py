@@ -32,7 +32,9 @@ def _conv_fwd(input, weight, offset, mask, bias, stride, padding, dilation, grou
                                         offset_groups)
 
 
-def _conv_bwd(grad, input, weight, offset, mask, bias, stride, padding, dilation, groups, offset_groups):
+def _conv_bwd(grad, input, weight, offset, mask, bias, stride, padding, dilation, groups, offset_groups,
+              output_mask=(True, True, True)):
+    # the Triton backward computes every gradient; autograd drops those output_mask leaves out
     with _device_guard(input):
         return deform_conv.conv_backward(grad, input, weight, offset, mask, bias, stride, padding, dilation,
                                          groups, offset_groups)

@@ -26,6 +26,8 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <array>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
@@ -363,7 +365,9 @@ void rows_to_channels(const S* src, int64_t q0, int64_t np, int64_t M, D* dst, i
 // partial sums (a fixed order, so results stay bit-identical run to run) so the compiler can keep it
 // in vector registers: a single running sum is a serial dependency it may not reorder.
 // gv is read as B (T, or bfloat16 bits in the bf16 backward).
-template <typename T, typename B = T>
+// Scatter = false computes the dot product alone (the input gradient was not asked for); the sum runs
+// in the same order either way, so the offset/mask gradients are bit-identical.
+template <bool Scatter, typename T, typename B = T>
 inline T scatter_and_dot(T* __restrict__ d, const B* __restrict__ gv, const T* __restrict__ s, T wm,
                          int64_t len) {
   constexpr int kLanes = 8;
@@ -372,7 +376,7 @@ inline T scatter_and_dot(T* __restrict__ d, const B* __restrict__ gv, const T* _
   for (; q + kLanes <= len; q += kLanes) {
     for (int u = 0; u < kLanes; ++u) {
       const T gq = load_val(gv[q + u]);
-      d[q + u] += wm * gq;
+      if constexpr (Scatter) d[q + u] += wm * gq;
       acc[u] += gq * s[q + u];
     }
   }
@@ -380,11 +384,16 @@ inline T scatter_and_dot(T* __restrict__ d, const B* __restrict__ gv, const T* _
   for (int u = 0; u < kLanes; ++u) dot += acc[u];
   for (; q < len; ++q) {
     const T gq = load_val(gv[q]);
-    d[q] += wm * gq;
+    if constexpr (Scatter) d[q] += wm * gq;
     dot += gq * s[q];
   }
   return dot;
 }
+
+// What the backward passes did since the last reset (tests check that a pruned backward skips its
+// passes): column tiles filled, grad_w tile GEMMs, grad_col tile GEMMs, scatter passes, the last of
+// them without the input-gradient writes.
+std::atomic<int64_t> g_backward_counts[5];
 
 template <typename B>
 B* elem_ptr(const at::Tensor& t) { return t.data_ptr<B>(); }
@@ -564,8 +573,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> deform_co
     const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight,
     const at::Tensor& offset, const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>& bias,
     at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
-    int64_t offset_groups) {
+    int64_t offset_groups, std::array<bool, 3> output_mask) {
   const Geometry g = make_geometry(input, weight, offset, mask, stride, padding, dilation, groups, offset_groups);
+  // only the gradients autograd asks for: weight alone needs the columns, not the scatter pass; input
+  // and offsets alone need grad_col and the scatter pass, not the columns
+  const bool need_in = output_mask[0], need_w = output_mask[1], need_off = output_mask[2];
+  const bool need_scatter = need_in || need_off;
   TORCH_CHECK_VALUE(grad_output.sizes() == at::IntArrayRef({g.N, g.Cout, g.Ho, g.Wo}),
                     "deform_conv2d backward: grad_output has shape ", grad_output.sizes());
   const auto ct = compute_type(input.scalar_type());
@@ -612,25 +625,35 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> deform_co
       const int64_t C = g.C, K = g.K, Cg = g.Cg(), HWC = g.H * g.W * g.C, NL = g.N * g.L;
       for (int64_t q0 = 0; q0 < NL; q0 += P) {
         const int64_t q1 = std::min(NL, q0 + P), np = q1 - q0;
-        fill_columns<T, T, B>(g, taps, imgs, q0, q1, elem_ptr<B>(col));
+        if (need_w) {
+          fill_columns<T, T, B>(g, taps, imgs, q0, q1, elem_ptr<B>(col));
+          ++g_backward_counts[0];
+        }
         const at::Tensor go_rows = go.narrow(0, q0, np);  // [np, Cout]
         at::Tensor gcol_single;  // with one group the GEMM result is the grad_col tile itself
         for (int64_t grp = 0; grp < g.G; ++grp) {
           at::Tensor go_g = go_rows.narrow(1, grp * g.Coutg(), g.Coutg());  // [np, Coutg]
-          at::Tensor cols = col.narrow(0, 0, np).select(1, grp);           // [np, K*Cg]
-          // grad_w += go_g^T @ cols; bf16: the tile's GEMM (float32 accumulation, rounded once) summed in float32
-          const at::Tensor tile_w = RowGemm(cols.t(), g.Coutg(), 1)(go_g.t());  // [Coutg, K*Cg]
-          if (!gw[grp].defined()) {
-            gw[grp] = tile_w.to(ct);
-          } else {
-            gw[grp].add_(tile_w);
+          if (need_w) {
+            at::Tensor cols = col.narrow(0, 0, np).select(1, grp);  // [np, K*Cg]
+            // grad_w += go_g^T @ cols; bf16: the tile's GEMM (float32 accumulation, rounded once) summed in float32
+            const at::Tensor tile_w = RowGemm(cols.t(), g.Coutg(), 1)(go_g.t());  // [Coutg, K*Cg]
+            if (!gw[grp].defined()) {
+              gw[grp] = tile_w.to(ct);
+            } else {
+              gw[grp].add_(tile_w);
+            }
+            ++g_backward_counts[1];
           }
+          if (!need_scatter) continue;
           if (g.G == 1) {
             gcol_single = gemm_t[0](go_g);
           } else {
             gcol.narrow(0, 0, np).select(1, grp).copy_(gemm_t[grp](go_g));
           }
+          ++g_backward_counts[2];
         }
+        if (!need_scatter) continue;
+        ++g_backward_counts[need_in ? 3 : 4];
         gc = g.G == 1 ? elem_ptr<B>(gcol_single) : elem_ptr<B>(gcol);
         at::parallel_for(0, NB, 1, [&](int64_t b0, int64_t b1) {
           Corners<T> cr;
@@ -653,7 +676,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> deform_co
                   const T* s = img + base;
                   T* d = gimg + base;
                   const T wm = cr.w[t] * m;
-                  const T dot = scatter_and_dot(d, gv, s, wm, len);
+                  const T dot = need_in ? scatter_and_dot<true>(d, gv, s, wm, len)
+                                        : scatter_and_dot<false>(d, gv, s, wm, len);
                   gy += dot * cr.dwdy[t];
                   gx += dot * cr.dwdx[t];
                   gm += dot * cr.w[t];
@@ -688,7 +712,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> deform_co
     } else {
       AT_DISPATCH_FLOATING_TYPES(ct, "dcnv2_deform_conv2d_backward", [&] { body(scalar_t{}, scalar_t{}); });
     }
-    grad_w = at::stack(gw);
+    if (need_w) grad_w = at::stack(gw);
   }
   const at::Tensor grad_in = grad_in_cl.permute({0, 3, 1, 2});
 
@@ -703,11 +727,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> deform_co
   return {grad_input, grad_weight, grad_offset, grad_mask, grad_bias};
 }
 
+// returns the counters (and zeroes them with reset); the argument only routes the call to the CPU
+at::Tensor backward_counts(const at::Tensor& device_of, bool reset) {
+  at::Tensor out = at::empty({5}, device_of.options().dtype(at::kLong));
+  for (int i = 0; i < 5; ++i) out[i] = reset ? g_backward_counts[i].exchange(0) : g_backward_counts[i].load();
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(dcnv2, CPU, m) {
   m.impl("deform_conv2d", &deform_conv2d_forward_cpu);
   m.impl("_deform_conv2d_backward", &deform_conv2d_backward_cpu);
+  m.impl("_deform_conv2d_backward_counts", &backward_counts);
 }
 
 }  // namespace dcnv2
