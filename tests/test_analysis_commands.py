@@ -258,3 +258,24 @@ def test_commands_refuse_a_checkpoint_of_the_wrong_kind_and_an_unusable_out(setu
     Image.fromarray(np.arange(0, 65536, 16, dtype=np.uint16).reshape(64, 64)).save(tmp_path / "g16.png")
     x = read_image(tmp_path / "g16.png")
     assert x.shape == (3, 64, 64) and x.min() == 0 and x.max() == 1 and 0.4 < float(x.mean()) < 0.6
+
+
+def test_eval_cli_names_a_degenerate_image_and_evaluates_the_others(setup, tmp_path):
+    import json
+    import shutil
+
+    from PIL import Image
+
+    root, ckpts = setup
+    data = tmp_path / "data"
+    shutil.copytree(root / "data", data)
+    Image.new("RGB", (900, 3), (90, 90, 90)).save(data / "val" / "thin.png")
+    ann_file = data / "annotations" / "instances_val.json"
+    ann = json.loads(ann_file.read_text())
+    ann["images"].append({"id": 999, "file_name": "thin.png", "width": 900, "height": 3})
+    ann_file.write_text(json.dumps(ann))
+    proc = _cli("eval", "--checkpoint", str(ckpts["regular"]), "--data", str(data), "--split", "val",
+                "--out", str(tmp_path / "ev"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "image 999 (thin.png) gets no detections at test size 64: the 900x3 image" in proc.stderr
+    assert "Traceback" not in proc.stderr and "| bbox |" in proc.stdout
