@@ -63,6 +63,7 @@ def compare_presets(presets: Sequence[str], train_set, val_set, out_dir, *, reci
     ipe = ResumableBatchSampler.batches_per_epoch(len(train_set), recipe.batch_size, 1)
     timed = iters is None
     safety = not timed and safety_net  # a fixed schedule under a time limit
+    budgeted = timed or safety          # the phases share budget_s (measured speeds, time_share)
     use_pretrain = (recipe.pretrain_fraction > 0) if timed else (recipe.pretrain_iters > 0)
     crops = val_crops = None
     spc = {p: 0.0 for p in presets}  # seconds per crop-classifier iteration
@@ -70,7 +71,7 @@ def compare_presets(presets: Sequence[str], train_set, val_set, out_dir, *, reci
     if use_pretrain:
         crops = ObjectCrops(train_set, size=recipe.pretrain_crop_size, jitter=True)
         val_crops = ObjectCrops(val_set, size=recipe.pretrain_crop_size, jitter=False)
-        if timed or safety:
+        if budgeted:
             for preset in presets:
                 spc[preset] = seconds_per_crop_iteration(preset, crops, backbone=recipe.backbone,
                                                          batch_size=recipe.pretrain_batch_size)
@@ -120,7 +121,7 @@ def compare_presets(presets: Sequence[str], train_set, val_set, out_dir, *, reci
         t_model = time.perf_counter()
         pretrain = None
         if use_pretrain:
-            pre_budget = time_share(preset, "pretrain", presets[k:]) if (timed or safety) else None
+            pre_budget = time_share(preset, "pretrain", presets[k:]) if budgeted else None
             pre_planned = max(1, int(pre_budget / spc[preset])) if timed else pre_iters
             log(f"{preset}: pre-training its backbone on object crops ({pre_planned} iterations"
                 + (f", ~{_fmt_s(pre_budget)})" if timed else ")"))
@@ -140,7 +141,7 @@ def compare_presets(presets: Sequence[str], train_set, val_set, out_dir, *, reci
                 f"({note}{_fmt_s(time.perf_counter() - t_model)}); its trunk, offsets included, initialises "
                 "the detector")
         tail = None
-        if timed or safety:
+        if budgeted:
             share = time_share(preset, "detector", presets[k:])
             planned = max(1, int(share / spi[preset])) if timed else iters
             overrides["time_budget_shortens_only"] = safety
@@ -164,7 +165,8 @@ def compare_presets(presets: Sequence[str], train_set, val_set, out_dir, *, reci
         eval_ratio = max(0.5, (t2 - t1) / eval_est[preset])
         results[preset] = {
             "metrics": ev["metrics"], "sec_per_iter": (t1 - t0) / max(1, ran), "iterations": ran,
-            "planned_iterations": planned, "stopped_early": bool(run.get("stopped_early")), "pretrain": None if pretrain is None else {
+            "planned_iterations": planned, "stopped_early": bool(run.get("stopped_early")),
+            "pretrain": None if pretrain is None else {
                 k: (str(v) if k == "checkpoint" else v) for k, v in pretrain.items()},
             "pretrain_s": t0 - t_model, "train_s": t1 - t0, "eval_s": t2 - t1, "run_dir": str(run_dir),
             "params": count_parameters(model), "predictions": ev["predictions"],

@@ -155,10 +155,9 @@ def run_demo(args) -> int:
     recipe = SyntheticRecipe(image_size=args.image_size, backbone=args.backbone)
     fit = bool(getattr(args, "fit_budget", False))
     iters = None if fit else (args.iters if args.iters is not None else DEMO_ITERS)
-    recipe.pretrain_fraction = args.pretrain_fraction
+    # the fixed schedule counts crop iterations (pretrain_iters); --fit-budget gives them a share of the time
+    recipe.pretrain_fraction = args.pretrain_fraction if fit else 0.0
     recipe.pretrain_iters = args.pretrain_iters if args.pretrain_iters is not None else DEMO_PRETRAIN_ITERS
-    if not fit:
-        recipe.pretrain_fraction = 0.0  # the fixed schedule: pretrain_iters, not a share of the time
     if args.batch_size:
         recipe.batch_size = args.batch_size
     if args.lr:

@@ -28,8 +28,8 @@ from dcnv2.engine.checkpoint import CHECKPOINT_FORMAT, get_rng_state, load_check
 from dcnv2.engine.config import ModelSpec, TrainConfig
 from dcnv2.engine.timekeeping import IterationPlanner
 
-__all__ = ["train", "NonFiniteLossError", "DataLoadingError", "exception_message", "SeededSamples", "ResumableBatchSampler", "build_optimizer",
-           "LAST_CHECKPOINT", "FINAL_MODEL", "LOG_FILE"]
+__all__ = ["train", "NonFiniteLossError", "DataLoadingError", "exception_message", "SeededSamples",
+           "ResumableBatchSampler", "build_optimizer", "LAST_CHECKPOINT", "FINAL_MODEL", "LOG_FILE"]
 
 LAST_CHECKPOINT = "checkpoint_last.pth"
 FINAL_MODEL = "model_final.pth"
