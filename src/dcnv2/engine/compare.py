@@ -22,6 +22,19 @@ from dcnv2.models.transfer import load_backbone_checkpoint
 __all__ = ["compare_presets"]
 
 
+def _cached_pretrain(cache: Path, preset: str, recipe: SyntheticRecipe, seed: int, iterations: int) -> Path:
+    """The cache directory of ``preset``'s crop pre-training: named by everything that decides its weights
+    (the crop classifier's trunk, the crop recipe, the seed, the iteration count and torch's thread count)."""
+    from dcnv2.models import get_preset
+
+    det = get_preset(preset)
+    stages = "".join(sorted(det.deform_stages))
+    kind = ("m" if det.modulated else "") + f"dconv-{stages}-g{det.offset_groups}" if det.deform_stages else "regular"
+    name = (f"{recipe.backbone}-{kind}-crop{recipe.pretrain_crop_size}-b{recipe.pretrain_batch_size}-"
+            f"lr{recipe.pretrain_lr:g}-it{iterations}-seed{seed}-t{torch.get_num_threads()}")
+    return cache / name
+
+
 def _fmt_s(s: float) -> str:
     return f"{int(s // 60)} min {int(s % 60):02d} s" if s >= 60 else f"{s:.0f} s"
 
@@ -29,14 +42,17 @@ def _fmt_s(s: float) -> str:
 def compare_presets(presets: Sequence[str], train_set, val_set, out_dir, *, recipe: SyntheticRecipe,
                     budget_s: float, iters: Optional[int] = None, seed: int = 0, progress: bool = True,
                     log: Callable[[str], None] = print, collate_fn=None,
-                    safety_net: bool = False) -> Dict[str, Dict[str, Any]]:
+                    safety_net: bool = False, pretrain_cache=None) -> Dict[str, Dict[str, Any]]:
     """Trains every preset and evaluates each on ``val_set``.
 
     With ``iters``, every preset trains exactly that many iterations (and ``recipe.pretrain_iters`` crop
     pre-training iterations): a row is a function of its seed. ``safety_net`` keeps ``budget_s`` as a limit
     on top of that fixed schedule: the same speed probe shares the budget among the phases, and a phase
     whose machine is too slow to finish in its share stops early (reported as ``stopped_early``, the
-    phase's lr schedule shrinking with it); a fast machine runs the schedule as given. Without ``iters``,
+    phase's lr schedule shrinking with it); a fast machine runs the schedule as given. ``pretrain_cache``
+    (a directory, fixed schedules only): presets whose crop classifiers are the same network (same trunk,
+    whatever their heads or mimicking) share one crop pre-training per seed and schedule, run once and reused
+    - the same weights a rerun would compute. Without ``iters``,
     the run fits ``budget_s``
     (training + evaluation of all of them): a speed probe makes the first plan (the same iteration count
     for every preset), then each preset trains on its share of the time left with a re-planning schedule
@@ -126,11 +142,22 @@ def compare_presets(presets: Sequence[str], train_set, val_set, out_dir, *, reci
             log(f"{preset}: pre-training its backbone on object crops ({pre_planned} iterations"
                 + (f", ~{_fmt_s(pre_budget)})" if timed else ")"))
             torch.manual_seed(seed)
-            pretrain = pretrain_backbone(preset, train_set, run_dir / "pretrain", backbone=recipe.backbone,
-                                         iterations=pre_planned, time_budget_s=pre_budget,
-                                         crop_size=recipe.pretrain_crop_size, batch_size=recipe.pretrain_batch_size,
-                                         lr=recipe.pretrain_lr, seed=seed, progress=progress, crops=crops,
-                                         val_crops=val_crops, budget_shortens_only=safety)
+            cached = None if (budgeted or pretrain_cache is None) else _cached_pretrain(
+                Path(pretrain_cache), preset, recipe, seed, pre_planned)
+            if cached is not None and (cached / "pretrain.json").exists():
+                pretrain = json.loads((cached / "pretrain.json").read_text())
+                pretrain["checkpoint"] = Path(pretrain["checkpoint"])
+                log(f"{preset}: reusing the crop pre-training of the same trunk in {cached}")
+            else:
+                pretrain = pretrain_backbone(preset, train_set, cached or run_dir / "pretrain",
+                                             backbone=recipe.backbone, iterations=pre_planned,
+                                             time_budget_s=pre_budget, crop_size=recipe.pretrain_crop_size,
+                                             batch_size=recipe.pretrain_batch_size, lr=recipe.pretrain_lr, seed=seed,
+                                             progress=progress, crops=crops, val_crops=val_crops,
+                                             budget_shortens_only=safety)
+                if cached is not None:
+                    (cached / "pretrain.json").write_text(json.dumps(
+                        {k: (str(v) if k == "checkpoint" else v) for k, v in pretrain.items()}))
             load_backbone_checkpoint(models[preset], pretrain["checkpoint"], offsets="pretrained")
             note = (f"planned {pretrain['planned_iterations']} iterations, ran {pretrain['iterations']}; "
                     if timed else "")
