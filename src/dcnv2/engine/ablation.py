@@ -31,12 +31,16 @@ TABLE3_PRESETS = ("mdconv-c3c5-mdpool", "dcnv2", "dcnv2-fgbg", "dcnv2-bg", "regu
 
 def run_name(preset: str, mimic: Optional[Dict[str, Any]] = None) -> str:
     """``preset`` or, for a mimicking preset with overrides, ``preset[key=value,...]``."""
-    from dcnv2.models import get_preset
-
-    if not mimic or not get_preset(preset).mimic:
+    if not mimic or not has_mimicking(preset):
         return preset
     return preset + "[" + ",".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}"
                                    for k, v in sorted(mimic.items())) + "]"
+
+
+def has_mimicking(preset: str) -> bool:
+    from dcnv2.models import get_preset
+
+    return get_preset(preset).mimic not in (None, "", "none")
 
 
 def _spread(values: Sequence[float]) -> str:
@@ -99,7 +103,7 @@ def run_pretrained_ablation(presets: Sequence[str], seeds: Sequence[int], out, *
                 val_set = load_dataset(data_dir, "val", train=False, with_masks=True)
             recipe = SyntheticRecipe(image_size=image_size)
             recipe.pretrain_iters = pretrain_iters
-            if mimic and get_preset(preset).mimic:
+            if mimic and has_mimicking(preset):
                 recipe.model_kwargs["mimic"] = {**recipe.model_kwargs["mimic"], **mimic}
             log(f"seed {seed} {name}: training ({pretrain_iters} crop + {iters} detector iterations, "
                 f"{threads} threads)")
