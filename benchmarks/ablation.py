@@ -48,6 +48,8 @@ def main(argv=None) -> int:
                    "(default: the demo's)")
     p.add_argument("--mimic", nargs="+", default=[], metavar="KEY=VALUE",
                    help="pretrained recipe: mimicking-branch overrides, e.g. cls_weight=0 mimic_weight=0.3")
+    p.add_argument("--report", action="store_true", help="pretrained recipe: table of the finished runs only, "
+                   "train nothing")
     args = p.parse_args(argv)
     if args.table:
         from dcnv2.engine.ablation import TABLE1_PRESETS, TABLE3_PRESETS
@@ -155,10 +157,15 @@ def _pretrained(p, args) -> int:
         results = run_pretrained_ablation(presets, args.seeds or [args.seed], out, iters=args.iters,
                                           pretrain_iters=args.pretrain_iters, num_train=args.num_train,
                                           num_val=args.num_val, image_size=args.image_size, mimic=mimic or None,
-                                          progress=not args.no_progress, log=lambda s: print(s, file=sys.stderr))
+                                          progress=not args.no_progress, log=lambda s: print(s, file=sys.stderr),
+                                          train_missing=not args.report)
     except ValueError as exc:
         p.error(str(exc))
-    first = next(iter(next(iter(results.values())).values()))
+    finished = [r for runs in results.values() for r in runs.values()]
+    if not finished:
+        print(f"no finished runs under {out}/runs yet", file=sys.stderr)
+        return 1
+    first = finished[0]
     head = (f"Demo recipe: synthetic set (demo difficulty, {args.num_train} train / {args.num_val} val, "
             f"{args.image_size} px), ResNet-18-FPN trunk crop-pre-trained for {first['pretrain_iters']} iterations, "
             f"then {first['iters']} detector iterations x batch 8, {first['threads']} CPU thread(s); COCO bbox AP (%), "

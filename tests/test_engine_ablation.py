@@ -30,6 +30,11 @@ def test_pretrained_recipe_runs_writes_table_and_reuses_finished_runs(tmp_path):
     assert sum("reusing" in line and "result.json" in line for line in logs) == 2
     assert again[0]["dcnv2"]["metrics"] == first[0]["dcnv2"]["metrics"]
 
+    logs.clear()  # report only: what is finished, nothing trained
+    report = run_pretrained_ablation(["regular", "dcnv2"], [0], tmp_path, log=logs.append, train_missing=False, **kw)
+    assert list(report[0]) == ["dcnv2"] and any("regular: not run yet" in line for line in logs)
+    assert not (tmp_path / "runs" / "seed0" / "regular").exists()
+
     table = format_seed_table(again)
     assert "| dcnv2 |" in table and "| mdconv-c3c5-mdpool |" in table and "AP seed 0" in table
 

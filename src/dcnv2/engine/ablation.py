@@ -51,7 +51,8 @@ def _spread(values: Sequence[float]) -> str:
 def run_pretrained_ablation(presets: Sequence[str], seeds: Sequence[int], out, *, iters: Optional[int] = None,
                             pretrain_iters: Optional[int] = None, num_train: int = 1600, num_val: int = 400,
                             image_size: int = 128, data_seed: int = 0, mimic: Optional[Dict[str, Any]] = None,
-                            progress: bool = True, log: Callable[[str], None] = print) -> Dict[int, Dict[str, Any]]:
+                            progress: bool = True, log: Callable[[str], None] = print,
+                            train_missing: bool = True) -> Dict[int, Dict[str, Any]]:
     """Trains (or reuses) one run per preset and seed; returns ``{seed: {run name: result}}``.
 
     Args:
@@ -61,6 +62,7 @@ def run_pretrained_ablation(presets: Sequence[str], seeds: Sequence[int], out, *
         iters, pretrain_iters: the schedule (default: the demo's ``DEMO_ITERS`` / ``DEMO_PRETRAIN_ITERS``).
         num_train, num_val, image_size, data_seed: the synthetic set (default: the demo's).
         mimic: :class:`dcnv2.models.mimic.MimicConfig` overrides for the mimicking presets.
+        train_missing: False reports the finished runs only (a table of what is there, nothing trained).
 
     A result holds ``metrics`` (COCO bbox), ``iterations``, ``pretrain`` (crop top-1, iterations),
     ``train_s``, ``eval_s``, ``threads``, ``preset``, ``mimic``, ``run_dir``.
@@ -98,6 +100,9 @@ def run_pretrained_ablation(presets: Sequence[str], seeds: Sequence[int], out, *
                     continue
                 log(f"seed {seed} {name}: {stamp} has another schedule ({ {k: done.get(k) for k in schedule} }); "
                     "training again")
+            if not train_missing:
+                log(f"seed {seed} {name}: not run yet")
+                continue
             if train_set is None:
                 train_set = load_dataset(data_dir, "train", train=True, with_masks=False)
                 val_set = load_dataset(data_dir, "val", train=False, with_masks=True)
