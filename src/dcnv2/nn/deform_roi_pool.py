@@ -14,7 +14,6 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
-from torchvision.ops.poolers import _filter_input, _setup_scales
 
 from dcnv2.ops import _checks
 from dcnv2.ops.deform_roi_pool import deform_roi_pool, rois_to_tensor
@@ -162,6 +161,9 @@ class _DeformRoIPoolBase(nn.Module):
         missing = [n for n in names if n not in x]
         if missing:
             raise ValueError(f"featmap_names {missing} not in the feature dict, which has {list(x)}")
+        # torchvision only for the multi-level (FPN) call: the single-map layers work without it
+        from torchvision.ops.poolers import _filter_input, _setup_scales
+
         feats = _filter_input(x, names)
         for n, f in zip([k for k in x if k in names], feats):
             _checks.tensor(f"features[{n!r}]", f, 4, like=feats[0])
