@@ -88,6 +88,9 @@ def add_parser(sub) -> None:
     g.add_argument("--device", default=None, help="default: cuda:LOCAL_RANK if available, else cpu")
     g.add_argument("--find-unused-parameters", action="store_true", help="DDP option")
     g.add_argument("--no-progress", action="store_true")
+    g.add_argument("--tensorboard", action=argparse.BooleanOptionalAction, default=True,
+                   help="also write every logged scalar, and the evaluation's AP and an image of its detections, "
+                        "to OUT/tb/ (needs tensorboard: pip install 'dcnv2[tb]'; `tensorboard --logdir OUT/tb`)")
     g.add_argument("--eval-split", default=None, help="evaluate the final model on this split (rank 0)")
     p.set_defaults(func=run)
 
@@ -97,7 +100,7 @@ def run(args) -> int:
 
     import torch
 
-    from dcnv2.engine import ModelSpec, TrainConfig, build_model, evaluate, format_ap_table, train
+    from dcnv2.engine import ModelSpec, TrainConfig, build_model, train
     from dcnv2.engine import distributed as D
     from dcnv2.engine.datasets import load_dataset
 
@@ -124,7 +127,8 @@ def run(args) -> int:
         warmup_iters=args.warmup_iters, warmup_factor=args.warmup_factor, lr_steps=tuple(args.lr_steps),
         gamma=args.gamma, amp=args.amp, clip_grad_norm=args.clip_grad_norm, checkpoint_every=args.checkpoint_every,
         log_every=args.log_every, seed=args.seed, num_workers=args.workers, device=args.device,
-        progress=not args.no_progress, find_unused_parameters=args.find_unused_parameters)
+        progress=not args.no_progress, find_unused_parameters=args.find_unused_parameters,
+        tensorboard=args.tensorboard)
     torch.manual_seed(args.seed)  # identical initial weights on every rank (DDP broadcasts rank 0's anyway)
     model = build_model(spec)
     if transfer is not None and not args.resume:  # a resumed run takes every weight from its checkpoint
@@ -145,21 +149,46 @@ def run(args) -> int:
         if D.is_main_process():
             print(f"trained {result['iteration']} iterations, last loss {result['loss']:.4f}; "
                   f"model: {result['final_model']}, log: {result['log']}")
-            if args.eval_split and spec.arch == "segmenter":
-                from dcnv2.engine.segmentation import print_segmentation_eval
-
-                model.transform.min_size = (args.min_size,)
-                print_segmentation_eval(model, spec, args.data, args.eval_split, progress=not args.no_progress,
-                                        out_dir=f"{args.out}/eval_{args.eval_split}")
-            elif args.eval_split:
-                model.transform.min_size = (args.min_size,)
-                val = load_dataset(args.data, args.eval_split, train=False, with_masks=spec.has_masks)
-                out = evaluate(model, val, label_to_category_id=spec.label_to_category_id,
-                               progress=not args.no_progress, out_dir=f"{args.out}/eval_{args.eval_split}")
-                print(format_ap_table({args.preset: out["metrics"]}))
+            if args.eval_split:
+                _evaluate(args, model, spec, result["iteration"])
     finally:
         D.cleanup_distributed()
     return 0
+
+
+def _evaluate(args, model, spec, iteration: int) -> None:
+    """``--eval-split``: scores the final model, prints the table and adds the metrics (and for detectors an
+    image of the first validation image's detections) to the TensorBoard events at the trained iteration."""
+    from pathlib import Path
+
+    from dcnv2.engine import evaluate, format_ap_table
+    from dcnv2.engine.datasets import load_dataset
+    from dcnv2.engine.tensorboard import log_evaluation
+
+    out_dir = Path(args.out) / f"eval_{args.eval_split}"
+    prefix = f"eval_{args.eval_split}"
+    model.transform.min_size = (args.min_size,)
+    if spec.arch == "segmenter":
+        from dcnv2.engine.segmentation import print_segmentation_eval
+
+        metrics = print_segmentation_eval(model, spec, args.data, args.eval_split, progress=not args.no_progress,
+                                          out_dir=out_dir)
+        log_evaluation(args.out, iteration, {k: metrics[k] for k in ("mIoU", "pixel_accuracy", "mean_accuracy")},
+                       prefix=prefix, enabled=args.tensorboard)
+        return
+    val = load_dataset(args.data, args.eval_split, train=False, with_masks=spec.has_masks)
+    out = evaluate(model, val, label_to_category_id=spec.label_to_category_id, progress=not args.no_progress,
+                   out_dir=out_dir, keep_predictions=1)
+    print(format_ap_table({args.preset: out["metrics"]}))
+    metrics = dict(out["metrics"])
+    image = None
+    if out["predictions"] and args.tensorboard:
+        from dcnv2.engine.plots import save_detections
+
+        first, pred = out["predictions"][0]
+        image = out_dir / "detections.png"
+        save_detections(first, pred, image, class_name=spec.class_name, score_threshold=0.3)
+    log_evaluation(args.out, iteration, metrics, prefix=prefix, image=image, enabled=args.tensorboard)
 
 
 def _bool(text: str) -> bool:

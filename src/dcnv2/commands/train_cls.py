@@ -66,6 +66,9 @@ def add_parser(sub) -> None:
     g.add_argument("--device", default=None, help="default: cuda:LOCAL_RANK if available, else cpu")
     g.add_argument("--no-eval", action="store_true", help="skip the final evaluation")
     g.add_argument("--no-progress", action="store_true")
+    g.add_argument("--tensorboard", action=argparse.BooleanOptionalAction, default=True,
+                   help="also write every logged scalar, and the evaluation's top-1/top-5 and confusion matrix, "
+                        "to OUT/tb/ (needs tensorboard: pip install 'dcnv2[tb]'; `tensorboard --logdir OUT/tb`)")
     p.set_defaults(func=run_train)
 
     e = sub.add_parser(
@@ -128,7 +131,7 @@ def run_train(args) -> int:
         lr_steps=tuple(args.lr_steps), gamma=args.gamma, lr_schedule=args.lr_schedule,
         min_lr_factor=args.min_lr_factor, amp=args.amp, clip_grad_norm=args.clip_grad_norm,
         checkpoint_every=args.checkpoint_every, log_every=args.log_every, seed=args.seed, num_workers=args.workers,
-        device=args.device, progress=not args.no_progress)
+        device=args.device, progress=not args.no_progress, tensorboard=args.tensorboard)
     torch.manual_seed(args.seed)  # identical initial weights on every rank
     # the weights are an initialisation, not part of the spec: rebuilding for eval must not load them again
     model = models.classifier(preset=args.preset, backbone=args.backbone, num_classes=len(classes),
@@ -139,11 +142,18 @@ def run_train(args) -> int:
             print(f"trained {result['iteration']} iterations (lr {lr:.4g}, {iters_per_epoch} per epoch), last loss "
                   f"{result['loss']:.4f}; model: {result['final_model']}, log: {result['log']}")
             if val is not None:
+                from dcnv2.engine.tensorboard import log_evaluation
+
+                out_dir = os.path.join(args.out, f"eval_cls_{args.val_split}")
                 out = evaluate_classifier(model, val, class_names=classes, batch_size=max(args.batch_size, 64),
-                                          progress=not args.no_progress,
-                                          out_dir=os.path.join(args.out, f"eval_cls_{args.val_split}"),
+                                          progress=not args.no_progress, out_dir=out_dir,
                                           title=f"{args.preset} {args.backbone}")
                 print(format_metrics(out["metrics"], f"{args.preset} {args.backbone}"))
+                m = out["metrics"]
+                log_evaluation(args.out, result["iteration"],
+                               {k: m[k] for k in ("top1", "top5", "mean_class_accuracy", "loss")},
+                               prefix=f"eval_{args.val_split}", image=os.path.join(out_dir, "confusion.png"),
+                               image_tag="confusion", enabled=args.tensorboard)
     finally:
         D.cleanup_distributed()
     return 0

@@ -51,6 +51,7 @@ class TrainConfig:
     num_workers: int = 2
     device: Optional[str] = None             # default: cuda:LOCAL_RANK if available, else cpu
     progress: bool = True                    # tqdm bar on rank 0
+    tensorboard: bool = True                 # scalars to OUT/tb/ too, when tensorboard is installed (rank 0)
     find_unused_parameters: bool = False     # DDP option for models with conditionally used branches
 
     def __post_init__(self) -> None:
@@ -142,6 +143,9 @@ class ModelSpec:
     min_size: int = 800
     max_size: int = 1333
     kwargs: Dict[str, Any] = field(default_factory=dict)
+    # a preset that is not among dcnv2.models.presets.PRESETS (e.g. a converted mmdetection model's
+    # mdconv@c3~c5 with RoIAlign): DetectorPreset fields, ``preset`` then being its name
+    preset_fields: Dict[str, Any] = field(default_factory=dict)
     # how the backbone was initialised (dcnv2.models.transfer.TransferReport.to_dict()); a record, never
     # used to rebuild the model
     backbone_init: Dict[str, Any] = field(default_factory=dict)
@@ -192,6 +196,11 @@ def build_model(spec: ModelSpec, *, inference: bool = False):
     if spec.arch not in builders:
         raise ValueError(f"ModelSpec.arch must be one of {sorted(builders) + ['classifier', 'segmenter']}, "
                          f"got {spec.arch!r}")
-    model = builders[spec.arch](preset=spec.preset, backbone=spec.backbone, num_classes=spec.num_classes,
+    preset = spec.preset
+    if spec.preset_fields:
+        from dcnv2.models.presets import DetectorPreset
+
+        preset = DetectorPreset(**{**spec.preset_fields, "name": spec.preset})
+    model = builders[spec.arch](preset=preset, backbone=spec.backbone, num_classes=spec.num_classes,
                                 fpn=spec.fpn, min_size=spec.min_size, max_size=spec.max_size, **spec.kwargs)
     return models.strip_mimicking(model) if inference else model

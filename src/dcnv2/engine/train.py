@@ -26,6 +26,7 @@ from torch.utils.data import Dataset, DataLoader, DistributedSampler, Sampler
 from dcnv2.engine import distributed as D
 from dcnv2.engine.checkpoint import CHECKPOINT_FORMAT, get_rng_state, load_checkpoint, save_checkpoint, set_rng_state
 from dcnv2.engine.config import ModelSpec, TrainConfig
+from dcnv2.engine.tensorboard import TB_DIR, TensorBoardLog
 from dcnv2.engine.timekeeping import IterationPlanner
 
 __all__ = ["train", "NonFiniteLossError", "DataLoadingError", "exception_message", "SeededSamples",
@@ -219,9 +220,9 @@ def train(
             evaluation), as a function of the measured seconds per iteration (see ``IterationPlanner``).
 
     Returns:
-        ``{"iteration", "planned_iterations", "stopped_early", "loss", "checkpoint", "final_model", "log"}``
-        (paths are None on ranks > 0; ``stopped_early``: a ``time_budget_shortens_only`` run that its budget
-        cut short).
+        ``{"iteration", "planned_iterations", "stopped_early", "loss", "checkpoint", "final_model", "log",
+        "tensorboard"}`` (paths are None on ranks > 0, ``tensorboard`` also when no events were written;
+        ``stopped_early``: a ``time_budget_shortens_only`` run that its budget cut short).
 
     Raises:
         NonFiniteLossError: a loss was NaN/inf (all ranks raise; the last good checkpoint is kept).
@@ -298,6 +299,9 @@ def train(
             find_unused_parameters=config.find_unused_parameters)
 
     log = _JsonLog(out / LOG_FILE, start, main)
+    # events past the resumed iteration (an interrupted run's) are purged, as log.jsonl drops those records
+    tb = TensorBoardLog(out / TB_DIR, enabled=main and config.tensorboard, purge_step=start + 1 if start else None)
+    tb_dir = tb.log_dir if tb.active else None
     samples = SeededSamples(dataset)
     collate = collate_fn or _collate
     bar = None
@@ -370,8 +374,10 @@ def train(
                     bar.update(1)
                 if it % config.log_every == 0 or it == total or it == start + 1:
                     extra = {"grad_norm": round(grad_norm, 4)} if grad_norm is not None else {}
-                    log.write({"iter": it, "epoch": epoch, "lr": lr, **{k: round(v, 6) for k, v in values.items()}, **extra,
-                               "sec_per_iter": round(sec_per_it, 4), "eta_s": round(sec_per_it * (total - it), 1)})
+                    record = {"iter": it, "epoch": epoch, "lr": lr, **{k: round(v, 6) for k, v in values.items()},
+                              **extra, "sec_per_iter": round(sec_per_it, 4), "eta_s": round(sec_per_it * (total - it), 1)}
+                    log.write(record)
+                    tb.record(record, it)
                 if it % config.checkpoint_every == 0 or it == total:
                     state = _checkpoint_state(model, optimizer, scheduler, scaler, config, model_spec, it,
                                               iters_per_epoch)
@@ -383,6 +389,7 @@ def train(
     finally:
         if bar is not None:
             bar.close()
+        tb.close()
 
     # a schedule cut short by its time budget says so in the log (the caller reports it)
     stopped_early = bool(planner is not None and config.time_budget_shortens_only and it < planned)
@@ -404,4 +411,5 @@ def train(
     D.barrier()
     return {"iteration": it, "planned_iterations": planned, "stopped_early": stopped_early, "loss": loss_value,
             "checkpoint": ckpt_path if main else None,
-            "final_model": final, "log": out / LOG_FILE if main else None}
+            "final_model": final, "log": out / LOG_FILE if main else None,
+            "tensorboard": tb_dir}
