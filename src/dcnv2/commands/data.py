@@ -1,5 +1,5 @@
-"""``dcnv2 data synth | synth-cls | check``: write the synthetic detection or classification set, or check a COCO-format
-data set before training."""
+"""``dcnv2 data synth | synth-cls | check``: write the synthetic detection or classification set, or check a COCO-format,
+PASCAL VOC or ImageFolder data set before training."""
 from __future__ import annotations
 
 import argparse
@@ -56,13 +56,16 @@ def add_parser(sub) -> None:
     k.set_defaults(func=run_synth_cls)
 
     c = actions.add_parser(
-        "check", help="validate a COCO-format detection set or an ImageFolder classification set",
+        "check", help="validate a COCO-format or PASCAL VOC set, or an ImageFolder classification set",
         description="COCO format (DIR/annotations/instances_{split}.json): load it with every check the loader "
                     "runs (JSON, ids, boxes, categories, segmentations, image files), print per-class counts and "
                     "the COCO size ranges. ImageFolder (DIR/<split>/<class>/*.png): every split holds images, the "
                     "class folders agree between splits, every file is an image whose header opens in a mode "
                     "with an RGB form, no file is there twice; every problem is listed by path (exit status 1). "
-                    "--decode also decodes every image (and mask).",
+                    "PASCAL VOC (Annotations/*.xml, ImageSets/Main|Segmentation/*.txt, JPEGImages/, "
+                    "SegmentationClass/*.png): every XML parses, names known classes and has boxes and a size, every "
+                    "listed image and label PNG exists; per-class counts per split; every problem is listed by file "
+                    "(exit status 1). --decode also decodes every image (and mask / label PNG).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     c.add_argument("data", help="data set directory")
     c.add_argument("--splits", nargs="+", default=None,
@@ -151,7 +154,13 @@ def run_check(args) -> int:
     from dcnv2.data import load_split
     from dcnv2.data.image_folder import check_image_folder, looks_like_image_folder
 
+    from dcnv2.data.voc import check_voc, is_voc_layout
+
     root = Path(args.data)
+    if is_voc_layout(root):
+        report = check_voc(root, args.splits, decode=args.decode)
+        print(report.format())
+        return 0 if report.ok else 1
     if looks_like_image_folder(root):
         report = check_image_folder(root, args.splits, decode=args.decode, progress=True)
         print(report.format())
@@ -161,8 +170,9 @@ def run_check(args) -> int:
     if not splits:
         raise FileNotFoundError(f"no annotation files {root}/annotations/instances_<split>.json and no split "
                                 f"folders with class folders: a COCO-format detection set has "
-                                f"DIR/annotations/instances_<split>.json and DIR/<split>/, an ImageFolder "
-                                f"classification set DIR/<split>/<class>/*.png")
+                                f"DIR/annotations/instances_<split>.json and DIR/<split>/, a PASCAL VOC set "
+                                f"DIR/Annotations/ and DIR/ImageSets/, an ImageFolder classification set "
+                                f"DIR/<split>/<class>/*.png")
     for split in splits:
         dataset = load_split(root, split)  # segmentations are checked, not decoded
         print(_summary(dataset, split, root))

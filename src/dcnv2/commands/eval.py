@@ -11,7 +11,8 @@ def add_parser(sub) -> None:
                     "COCOeval, print the AP table and write metrics.json + results.json.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="checkpoint_last.pth or model_final.pth of `dcnv2 train`")
-    p.add_argument("--data", required=True, help="data set root: DIR/annotations/instances_SPLIT.json + DIR/SPLIT/")
+    p.add_argument("--data", required=True, help="data set root: DIR/annotations/instances_SPLIT.json + DIR/SPLIT/, "
+                   "or a PASCAL VOC folder (VOC07 11-point and area mAP besides COCO AP; mIoU for a segmenter)")
     p.add_argument("--split", default="val")
     p.add_argument("--multi-scale", action="store_true",
                    help="test at every --scales shorter side and merge the detections by per-class NMS")
@@ -38,7 +39,7 @@ def run(args) -> int:
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model, spec = load_model(args.checkpoint, device=device)
-    if spec.arch == "segmenter":  # mIoU on the instance masks as semantic labels
+    if spec.arch == "segmenter":  # mIoU: VOC's SegmentationClass, or COCO instance masks as semantic labels
         from dcnv2.engine.segmentation import print_segmentation_eval
 
         out_dir = Path(args.out) if args.out else Path(args.checkpoint).resolve().parent / f"eval_{args.split}"
@@ -53,10 +54,15 @@ def run(args) -> int:
                       device=device, progress=not args.no_progress, out_dir=out_dir)
     name = f"{spec.preset} ({'multi-scale ' + '/'.join(map(str, args.scales)) if args.multi_scale else f'{spec.min_size} px'})"
     table = format_ap_table({name: result["metrics"]})
+    written = "metrics.json, results.json, ap_table.md"
+    if result.get("voc"):
+        from dcnv2.engine.voc_eval import format_voc_table
+
+        table += "\n\n" + format_voc_table({name: result["voc"]})
+        written += ", voc_metrics.json"
     print(table)
     (out_dir / "ap_table.md").write_text(table + "\n")
-    print(f"{len(result['results'])} detections on {len(dataset)} images; written to {out_dir}/"
-          "{metrics.json, results.json, ap_table.md}")
+    print(f"{len(result['results'])} detections on {len(dataset)} images; written to {out_dir}/{{{written}}}")
     return 0
 
 

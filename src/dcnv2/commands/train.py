@@ -1,4 +1,5 @@
-"""``dcnv2 train``: train a Faster/Mask R-CNN preset on a COCO-format data set (``torchrun`` for several processes)."""
+"""``dcnv2 train``: train a Faster/Mask R-CNN preset on a COCO-format or PASCAL VOC data set (``torchrun`` for
+several processes)."""
 from __future__ import annotations
 
 import argparse
@@ -58,7 +59,9 @@ def add_parser(sub) -> None:
     g.add_argument("--mimic-reduction", choices=["image", "roi"], default=None,
                    help="image: the paper's sum over each image's RoIs (averaged over images); roi: mean over RoIs")
     g = p.add_argument_group("data")
-    g.add_argument("--data", required=True, help="data set root: DIR/annotations/instances_SPLIT.json + DIR/SPLIT/")
+    g.add_argument("--data", required=True, help="data set root: DIR/annotations/instances_SPLIT.json + DIR/SPLIT/ "
+                   "(COCO format), or a PASCAL VOC folder (Annotations/, ImageSets/Main/SPLIT.txt, JPEGImages/; "
+                   "SegmentationClass/ for --arch segmenter)")
     g.add_argument("--split", default="train")
     g.add_argument("--no-flip", action="store_true", help="no random horizontal flip")
     g.add_argument("--workers", type=int, default=2, help="data loader processes per training process")
@@ -105,9 +108,9 @@ def run(args) -> int:
     from dcnv2.engine.datasets import load_dataset
 
     if args.arch == "segmenter":
-        from dcnv2.data.semantic import load_semantic_split
+        from dcnv2.engine.datasets import load_segmentation_dataset
 
-        dataset = load_semantic_split(args.data, args.split, train=True, flip=not args.no_flip)
+        dataset = load_segmentation_dataset(args.data, args.split, train=True, flip=not args.no_flip)
     else:
         dataset = load_dataset(args.data, args.split, train=True, with_masks=args.arch == "mask_rcnn",
                                flip=not args.no_flip)
@@ -181,6 +184,11 @@ def _evaluate(args, model, spec, iteration: int) -> None:
                    out_dir=out_dir, keep_predictions=1)
     print(format_ap_table({args.preset: out["metrics"]}))
     metrics = dict(out["metrics"])
+    if out.get("voc"):
+        from dcnv2.engine.voc_eval import format_voc_table
+
+        print(format_voc_table({args.preset: out["voc"]}))
+        metrics["voc"] = {k: out["voc"][k] for k in ("mAP07", "mAP")}
     image = None
     if out["predictions"] and args.tensorboard:
         from dcnv2.engine.plots import save_detections

@@ -1,5 +1,6 @@
 """COCO-format detection data: the loader and its checks, transforms, and the synthetic deformed-objects set;
-ImageFolder classification sets: their check and image loader (``image_folder``).
+PASCAL VOC detection and segmentation (``voc``); ImageFolder classification sets: their check and image loader
+(``image_folder``).
 
 Attributes resolve lazily, so ``import dcnv2.data.synthetic`` does not pull in pycocotools.
 """
@@ -8,10 +9,10 @@ from __future__ import annotations
 import importlib
 
 __all__ = ["AnnotationError", "CocoDetection", "load_split", "collate_fn", "coco", "transforms", "synthetic",
-           "semantic", "image_folder"]
+           "semantic", "image_folder", "voc"]
 
 _FROM_COCO = ("AnnotationError", "CocoDetection", "load_split", "collate_fn")
-_SUBMODULES = ("coco", "transforms", "synthetic", "semantic", "image_folder")
+_SUBMODULES = ("coco", "transforms", "synthetic", "semantic", "image_folder", "voc")
 
 
 def __getattr__(name: str):

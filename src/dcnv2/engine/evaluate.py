@@ -197,33 +197,47 @@ def evaluate(model: nn.Module, dataset, *, label_to_category_id: Optional[Mappin
              iou_types: Optional[Sequence[str]] = None, scales: Optional[Sequence[int]] = None,
              max_size: Optional[int] = None, device: Optional[torch.device] = None, progress: bool = True,
              out_dir: Optional[Path] = None, keep_predictions: int = 0) -> Dict[str, Any]:
-    """Inference + COCOeval over a COCO-format data set (``dataset.coco``, ``dataset.ids``).
+    """Inference + COCOeval over a COCO-format data set (``dataset.coco``, ``dataset.ids``); for a PASCAL VOC
+    set (:class:`dcnv2.data.voc.VOCDetection`, which has ``ground_truth()``) also the VOC07 11-point and area mAP
+    at IoU 0.5 (:func:`dcnv2.engine.voc_eval.voc_evaluate`).
 
     Args:
         label_to_category_id: model label -> category id; default ``dataset.label_to_category_id``.
         iou_types: default ``("bbox", "segm")`` when the model predicts masks, else ``("bbox",)``.
-        out_dir: if given, writes ``results.json`` (COCO results) and ``metrics.json`` there.
+        out_dir: if given, writes ``results.json`` (COCO results) and ``metrics.json`` there (and for VOC
+            ``voc_metrics.json``).
         keep_predictions: also return the first N ``(image, prediction)`` pairs (for drawing).
 
     Returns:
-        ``{"metrics": {iou_type: {...}}, "results": [...], "predictions": [...]}``.
+        ``{"metrics": {iou_type: {...}}, "results": [...], "predictions": [...], "voc": {...} or None}``.
     """
     mapping = dict(label_to_category_id if label_to_category_id is not None else dataset.label_to_category_id)
     results: List[Dict[str, Any]] = []
     kept: List[Tuple[torch.Tensor, Dict[str, torch.Tensor]]] = []
+    voc_gt = dataset.ground_truth() if callable(getattr(dataset, "ground_truth", None)) else None
+    boxes_by_image: Dict[int, Dict[str, torch.Tensor]] = {}
     has_masks = None
     for image_id, image, pred in inference(model, dataset, device=device, scales=scales, max_size=max_size,
                                            progress=progress):
         has_masks = "masks" in pred if has_masks is None else has_masks
         results.extend(to_coco_results(image_id, pred, mapping))
+        if voc_gt is not None:
+            boxes_by_image[image_id] = {k: pred[k] for k in ("boxes", "scores", "labels")}
         if len(kept) < keep_predictions:
             kept.append((image, pred))
     if iou_types is None:
         iou_types = ("bbox", "segm") if has_masks else ("bbox",)
     metrics = coco_evaluate(dataset.coco, results, iou_types, img_ids=list(dataset.ids))
+    voc = None
+    if voc_gt is not None:
+        from dcnv2.engine.voc_eval import voc_evaluate
+
+        voc = voc_evaluate(boxes_by_image, voc_gt, dataset.class_names)
     if out_dir is not None:
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "results.json").write_text(json.dumps(results))
         (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    return {"metrics": metrics, "results": results, "predictions": kept}
+        if voc is not None:
+            (out_dir / "voc_metrics.json").write_text(json.dumps(voc, indent=2))
+    return {"metrics": metrics, "results": results, "predictions": kept, "voc": voc}

@@ -132,11 +132,11 @@ def print_segmentation_eval(model: nn.Module, spec, data_dir: Union[str, Path], 
                             device: Optional[torch.device] = None, progress: bool = True,
                             out_dir: Optional[Union[str, Path]] = None) -> Dict[str, Any]:
     """``dcnv2 eval`` / ``dcnv2 train --eval-split`` for a segmenter: scores ``split`` of a COCO-format folder
-    (instance masks as semantic labels), prints the mIoU table and writes ``metrics.json``,
-    ``confusion.json`` and ``miou_table.md`` to ``out_dir``. Returns the metrics."""
-    from dcnv2.data.semantic import load_semantic_split
+    (instance masks as semantic labels) or of a VOC folder (``SegmentationClass/``), prints the mIoU table and
+    writes ``metrics.json``, ``confusion.json`` and ``miou_table.md`` to ``out_dir``. Returns the metrics."""
+    from dcnv2.engine.datasets import load_segmentation_dataset
 
-    dataset = load_semantic_split(data_dir, split, train=False)
+    dataset = load_segmentation_dataset(data_dir, split, train=False)
     if dataset.num_classes != spec.num_classes:
         raise ValueError(f"the checkpoint segments {spec.num_classes} classes (background included), the data set "
                          f"{data_dir} split {split!r} has {dataset.num_classes}")
