@@ -22,13 +22,13 @@ from torch import Tensor, nn
 from torchvision.models._utils import IntermediateLayerGetter
 from torchvision.models.detection import FasterRCNN as _TVFasterRCNN
 from torchvision.models.detection import MaskRCNN as _TVMaskRCNN
-from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.backbone_utils import BackboneWithFPN, _validate_trainable_layers
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
 from torchvision.models.detection.rpn import RegionProposalNetwork, RPNHead
 from torchvision.ops.misc import FrozenBatchNorm2d
 
+from dcnv2.models.anchors import anchor_generator
 from dcnv2.models.mimic import FeatureMimicking, MimicConfig, MimicRoIHeads, inference_state_dict
 from dcnv2.models.poolers import make_roi_pool
 from dcnv2.models.presets import DetectorPreset, get_preset
@@ -163,13 +163,17 @@ class DCNMaskRCNN(_DetectorMixin, _TVMaskRCNN):
 
 
 def _backbone_resnet(name: str, preset: DetectorPreset, conv5_dilation: bool, weights_backbone,
-                     trainable_backbone_layers: Optional[int]):
+                     trainable_backbone_layers: Optional[int], frozen_bn: Optional[bool], stride_in_1x1: bool):
     is_trained = weights_backbone is not None
     trainable = _validate_trainable_layers(is_trained, trainable_backbone_layers, 5, 3)
-    norm_layer = FrozenBatchNorm2d if is_trained else nn.BatchNorm2d
+    if frozen_bn is None:
+        frozen_bn = is_trained
+    if not isinstance(frozen_bn, bool) or not isinstance(stride_in_1x1, bool):
+        raise TypeError(f"frozen_bn and stride_in_1x1 must be bools, got {frozen_bn!r} and {stride_in_1x1!r}")
+    norm_layer = FrozenBatchNorm2d if frozen_bn else nn.BatchNorm2d
     resnet = dcn_resnet(name, deform_stages=preset.deform_stages, modulated=preset.modulated,
                         offset_groups=preset.offset_groups, conv5_dilation=conv5_dilation, weights=weights_backbone,
-                        norm_layer=norm_layer)
+                        norm_layer=norm_layer, stride_in_1x1=stride_in_1x1)
     return resnet, trainable
 
 
@@ -204,7 +208,9 @@ def _check_anchor_sizes(sizes, fpn: bool) -> Tuple[int, ...]:
 
 def _build(cls, *, preset, backbone, num_classes, fpn, weights_backbone, trainable_backbone_layers,
            feature_channels: int, representation_size: int, mdpool_hidden: Optional[int],
-           anchor_sizes: Optional[Sequence[float]], roi_canonical_scale: int, mimic, kwargs: Dict[str, Any]):
+           anchor_sizes: Optional[Sequence[float]], roi_canonical_scale: int, mimic, frozen_bn: Optional[bool],
+           stride_in_1x1: bool, roi_sampling_ratio: int, roi_aligned: bool, roi_pool_layout: str,
+           anchor_rounding: bool, kwargs: Dict[str, Any]):
     preset = get_preset(preset)
     mimic_config = MimicConfig.resolve(preset.mimic, mimic)
     if anchor_sizes is not None:
@@ -218,8 +224,13 @@ def _build(cls, *, preset, backbone, num_classes, fpn, weights_backbone, trainab
                         ("mdpool_hidden", 1 if mdpool_hidden is None else mdpool_hidden)):
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ValueError(f"{name} must be a positive int, got {value!r}")
+    if not isinstance(roi_sampling_ratio, int) or isinstance(roi_sampling_ratio, bool):
+        raise TypeError(f"roi_sampling_ratio must be an int (<= 0: adaptive), got {roi_sampling_ratio!r}")
+    if not isinstance(anchor_rounding, bool):
+        raise TypeError(f"anchor_rounding must be a bool, got {anchor_rounding!r}")
     masks = cls is DCNMaskRCNN
-    resnet, trainable = _backbone_resnet(backbone, preset, not fpn, weights_backbone, trainable_backbone_layers)
+    resnet, trainable = _backbone_resnet(backbone, preset, not fpn, weights_backbone, trainable_backbone_layers,
+                                         frozen_bn, stride_in_1x1)
     kw = dict(kwargs)
     if fpn:
         _freeze(resnet, trainable)  # torchvision's rule
@@ -228,21 +239,24 @@ def _build(cls, *, preset, backbone, num_classes, fpn, weights_backbone, trainab
                                [c2, 2 * c2, 4 * c2, 8 * c2], feature_channels, extra_blocks=LastLevelMaxPool())
         names = ["0", "1", "2", "3"]
         rpn_in = None
-        if anchor_sizes is not None:  # one size per level P2..P6, torchvision's three aspect ratios each
-            kw["rpn_anchor_generator"] = AnchorGenerator(sizes=tuple((a,) for a in anchor_sizes),
-                                                         aspect_ratios=((0.5, 1.0, 2.0),) * len(anchor_sizes))
+        if anchor_sizes is not None or not anchor_rounding:  # one size per level P2..P6, three aspect ratios each
+            sizes = anchor_sizes or PAPER_ANCHOR_SIZES
+            kw.setdefault("rpn_anchor_generator", anchor_generator(tuple((a,) for a in sizes),
+                                                                   ((0.5, 1.0, 2.0),) * len(sizes),
+                                                                   rounding=anchor_rounding))
     else:
         _freeze(resnet, trainable)
         body = PaperBackbone(resnet, feature_channels)
         names = ["c5"]
         rpn_in = ["c4"]
         kw.setdefault("rpn_anchor_generator",
-                      AnchorGenerator(sizes=(tuple(anchor_sizes or PAPER_ANCHOR_SIZES),),
-                                      aspect_ratios=(PAPER_ASPECT_RATIOS,)))
+                      anchor_generator((tuple(anchor_sizes or PAPER_ANCHOR_SIZES),), (PAPER_ASPECT_RATIOS,),
+                                       rounding=anchor_rounding))
         kw.setdefault("rpn_head", RPNHead(body.c4_channels, kw["rpn_anchor_generator"].num_anchors_per_location()[0]))
     c = body.out_channels
     pool_kw = dict(gamma=preset.gamma, hidden_channels=mdpool_hidden or preset.mdpool_hidden,
-                   canonical_scale=roi_canonical_scale)
+                   canonical_scale=roi_canonical_scale, sampling_ratio=roi_sampling_ratio, aligned=roi_aligned,
+                   layout=roi_pool_layout)
     # torchvision only admits MultiScaleRoIAlign here: build with its default, then put ours in place
     box_pool = kw.pop("box_roi_pool", None) or make_roi_pool(preset.box_pool, names, 7, c, **pool_kw)
     mask_pool = kw.pop("mask_roi_pool", None) or make_roi_pool(preset.mask_pool, names, 14, c, **pool_kw)
@@ -296,6 +310,17 @@ _DOC_ARGS = """
             :class:`dcnv2.models.mimic.MimicConfig` or a dict of its fields, e.g. ``{"patch_size": 64,
             "rois_per_image": 8}``; ``{"regions": "fg"}`` turns it on for any preset). Training only: the
             branch is ``model.mimic``, dropped by ``strip_mimicking`` / ``model.inference_state_dict()``.
+        frozen_bn: FrozenBatchNorm2d in the backbone (default: only with ``weights_backbone``); what
+            torchvision's, mmdetection's and detectron2's COCO detectors use.
+        stride_in_1x1: downsample in each stage's first 1x1 conv (detectron2's MSRA ResNets), not the 3x3.
+        roi_sampling_ratio: RoIAlign / deformable RoI pooling samples per bin and axis (2, torchvision's;
+            <= 0 adaptive, mmdetection's and detectron2's 0).
+        roi_aligned: the half-pixel box model (True: ours, mmdetection's, detectron2's ROIAlignV2; False:
+            torchvision's ``MultiScaleRoIAlign``).
+        roi_pool_layout: ``"shared"`` (one offset branch over all FPN levels) or ``"mmdet"`` (mmcv's
+            ``(Modulated)DeformRoIPoolPack``, one per level), see :func:`dcnv2.models.poolers.make_roi_pool`.
+        anchor_rounding: torchvision's rounded base anchors (True) or mmdetection's / detectron2's exact
+            ones (:mod:`dcnv2.models.anchors`).
         **kwargs: passed to torchvision's detector (min_size, max_size, rpn_*, box_*, ...); a given
             ``rpn_anchor_generator``, ``rpn_head``, ``box_roi_pool``, ``box_head``, ``mask_roi_pool`` ...
             replaces the preset's.
@@ -307,12 +332,16 @@ def faster_rcnn(*, preset: Union[str, DetectorPreset] = "regular", backbone: str
                 trainable_backbone_layers: Optional[int] = None, feature_channels: int = 256,
                 representation_size: int = 1024, mdpool_hidden: Optional[int] = None,
                 anchor_sizes: Optional[Sequence[float]] = None, roi_canonical_scale: int = 224,
-                mimic=None, **kwargs) -> DCNFasterRCNN:
+                mimic=None, frozen_bn: Optional[bool] = None, stride_in_1x1: bool = False,
+                roi_sampling_ratio: int = 2, roi_aligned: bool = True, roi_pool_layout: str = "shared",
+                anchor_rounding: bool = True, **kwargs) -> DCNFasterRCNN:
     return _build(DCNFasterRCNN, preset=preset, backbone=backbone, num_classes=num_classes, fpn=fpn,
                   weights_backbone=weights_backbone, trainable_backbone_layers=trainable_backbone_layers,
                   feature_channels=feature_channels, representation_size=representation_size,
                   mdpool_hidden=mdpool_hidden, anchor_sizes=anchor_sizes,
-                  roi_canonical_scale=roi_canonical_scale, mimic=mimic, kwargs=kwargs)
+                  roi_canonical_scale=roi_canonical_scale, mimic=mimic, frozen_bn=frozen_bn,
+                  stride_in_1x1=stride_in_1x1, roi_sampling_ratio=roi_sampling_ratio, roi_aligned=roi_aligned,
+                  roi_pool_layout=roi_pool_layout, anchor_rounding=anchor_rounding, kwargs=kwargs)
 
 
 def mask_rcnn(*, preset: Union[str, DetectorPreset] = "regular", backbone: str = "resnet50",
@@ -320,12 +349,16 @@ def mask_rcnn(*, preset: Union[str, DetectorPreset] = "regular", backbone: str =
               trainable_backbone_layers: Optional[int] = None, feature_channels: int = 256,
               representation_size: int = 1024, mdpool_hidden: Optional[int] = None,
               anchor_sizes: Optional[Sequence[float]] = None, roi_canonical_scale: int = 224,
-              mimic=None, **kwargs) -> DCNMaskRCNN:
+              mimic=None, frozen_bn: Optional[bool] = None, stride_in_1x1: bool = False,
+              roi_sampling_ratio: int = 2, roi_aligned: bool = True, roi_pool_layout: str = "shared",
+              anchor_rounding: bool = True, **kwargs) -> DCNMaskRCNN:
     return _build(DCNMaskRCNN, preset=preset, backbone=backbone, num_classes=num_classes, fpn=fpn,
                   weights_backbone=weights_backbone, trainable_backbone_layers=trainable_backbone_layers,
                   feature_channels=feature_channels, representation_size=representation_size,
                   mdpool_hidden=mdpool_hidden, anchor_sizes=anchor_sizes,
-                  roi_canonical_scale=roi_canonical_scale, mimic=mimic, kwargs=kwargs)
+                  roi_canonical_scale=roi_canonical_scale, mimic=mimic, frozen_bn=frozen_bn,
+                  stride_in_1x1=stride_in_1x1, roi_sampling_ratio=roi_sampling_ratio, roi_aligned=roi_aligned,
+                  roi_pool_layout=roi_pool_layout, anchor_rounding=anchor_rounding, kwargs=kwargs)
 
 
 faster_rcnn.__doc__ = ("Faster R-CNN: the paper's (``fpn=False``) or ResNet-FPN, with a preset's deformable "

@@ -19,7 +19,7 @@ from torchvision.models import resnet as tv_resnet
 from dcnv2.nn import DeformConv2d, ModulatedDeformConv2d
 
 __all__ = ["BACKBONES", "STAGES", "dcn_resnet", "convert_to_deformable", "dilate_conv5", "load_backbone_weights",
-           "parse_stages"]
+           "move_stride_to_1x1", "parse_stages"]
 
 # name -> (torchvision builder, torchvision weights enum)
 BACKBONES: Dict[str, Tuple[Callable[..., tv_resnet.ResNet], type]] = {
@@ -62,6 +62,7 @@ def convert_to_deformable(
     stages: Iterable[Union[str, int]],
     modulated: bool = True,
     offset_groups: int = 1,
+    preserve: bool = False,
 ) -> nn.Module:
     """Replaces every 3x3 ``nn.Conv2d`` of ``stages`` by a deformable conv carrying the same weights.
 
@@ -74,12 +75,16 @@ def convert_to_deformable(
         stages: subset of ``"c2"``..``"c5"`` (or ints 2..5).
         modulated: DCNv2 ``ModulatedDeformConv2d`` if True, DCNv1 ``DeformConv2d`` otherwise.
         offset_groups: offset groups of each layer (must divide its input channels).
+        preserve: make each modulated layer compute exactly what the conv did, by doubling its weight
+            (0.5 x 2w = w). For fine-tuning a trained network (a COCO detector, frozen BN) into DCNv2 from its
+            accuracy. Without it (the default, the paper's initialisation, for training from ImageNet), a
+            modulated layer starts at half the conv's output. DCNv1 layers are exact either way.
 
     Returns:
         ``resnet`` itself. Convs that already are deformable are left alone.
 
     Note: a fresh modulated layer multiplies every tap by sigmoid(0) = 0.5, as the paper's initialisation
-    prescribes; DCNv1 layers reproduce the original conv exactly.
+    prescribes, so under frozen BatchNorm ``preserve=False`` halves every converted conv's contribution.
     """
     cls = ModulatedDeformConv2d if modulated else DeformConv2d
     for stage in parse_stages(stages):
@@ -98,7 +103,7 @@ def convert_to_deformable(
                           bias=conv.bias is not None, offset_groups=offset_groups)
                 dcn = dcn.to(device=conv.weight.device, dtype=conv.weight.dtype)
                 with torch.no_grad():
-                    dcn.weight.copy_(conv.weight)
+                    dcn.weight.copy_(conv.weight * 2 if preserve and modulated else conv.weight)
                     if conv.bias is not None:
                         dcn.bias.copy_(conv.bias)
                 dcn.weight.requires_grad_(conv.weight.requires_grad)
@@ -131,6 +136,26 @@ def dilate_conv5(resnet: nn.Module, dilation: int = 2) -> nn.Module:
             for m in block.downsample.modules():
                 if isinstance(m, nn.Conv2d):
                     m.stride = (1, 1)
+    return resnet
+
+
+def move_stride_to_1x1(resnet: nn.Module) -> nn.Module:
+    """Puts each stage's downsampling stride on the first block's 1x1 ``conv1`` instead of its 3x3 ``conv2``,
+    in place: the original MSRA ResNet that detectron2's ImageNet weights use (``RESNETS.STRIDE_IN_1X1``).
+
+    Bottleneck blocks only; a stage whose 3x3 conv runs at stride 1 (a dilated conv5) is left alone. Weights
+    are unchanged.
+    """
+    for stage in ("layer2", "layer3", "layer4"):
+        block = getattr(resnet, stage)[0]
+        if not hasattr(block, "conv3"):
+            raise ValueError("stride_in_1x1 applies to Bottleneck ResNets (resnet50 and deeper), not BasicBlock ones")
+        if tuple(block.conv2.stride) == (1, 1):
+            continue
+        stride = block.conv2.stride
+        block.conv1.stride = stride
+        for m in [block.conv2] + ([block.conv2.conv_offset] if hasattr(block.conv2, "conv_offset") else []):
+            m.stride = (1, 1)
     return resnet
 
 
@@ -203,6 +228,7 @@ def dcn_resnet(
     conv5_dilation: bool = False,
     weights: Weights = None,
     norm_layer: Optional[Callable[[int], nn.Module]] = None,
+    stride_in_1x1: bool = False,
 ) -> tv_resnet.ResNet:
     """A torchvision ResNet/ResNeXt with deformable 3x3 convs in ``deform_stages``.
 
@@ -215,6 +241,8 @@ def dcn_resnet(
         weights: torchvision weights enum / name (downloads) or a local state-dict path (a regular
             ResNet's loads unchanged; offset convs stay zero), or None.
         norm_layer: e.g. ``torchvision.ops.misc.FrozenBatchNorm2d``; default ``nn.BatchNorm2d``.
+        stride_in_1x1: downsample in each stage's first 1x1 conv (:func:`move_stride_to_1x1`, detectron2's
+            MSRA weights) instead of torchvision's 3x3.
 
     Returns:
         The ResNet (with its ``fc``; detectors only use ``conv1``..``layer4``).
@@ -226,6 +254,8 @@ def dcn_resnet(
     model = builder(weights=None, norm_layer=norm_layer)
     if conv5_dilation:
         dilate_conv5(model)
+    if stride_in_1x1:
+        move_stride_to_1x1(model)
     convert_to_deformable(model, deform_stages, modulated=modulated, offset_groups=offset_groups)
     if state_dict is not None:
         load_backbone_weights(model, state_dict)

@@ -127,6 +127,16 @@ class _DeformRoIPoolBase(nn.Module):
             Tensor[K, C, ph, pw].
         """
         feats, scales, levels, roi_t = self._inputs(x, rois, image_shapes)
+        return self._deform_pool(feats, scales, levels, roi_t)
+
+    def pool_map(self, x: Tensor, rois: Tensor, spatial_scale: float) -> Tensor:
+        """Pools Tensor[K, 5] ``rois`` from the one map ``x`` at ``spatial_scale`` (both passes: RoIAlign, the
+        offset branch, the deformed pooling); what a per-level layer of a multi-level pooler runs."""
+        _checks.tensor("input", x, 4)
+        self._check_channels("input", x)
+        return self._deform_pool([x], [float(spatial_scale)], None, _rois(rois, x))
+
+    def _deform_pool(self, feats, scales, levels, roi_t) -> Tensor:
         out_dtype = feats[0].dtype
         if roi_t.dtype != out_dtype:
             # e.g. bfloat16 features (autocast) with float32 boxes: pool in the wider type rather than
@@ -229,6 +239,9 @@ class DeformRoIPool(_DeformRoIPoolBase):
         featmap_names: the maps used in the dict call (None: the dict's only map).
         aligned: pixel-centre box model of roi_align (``aligned=True``).
         canonical_scale, canonical_level: FPN level mapping, as in MultiScaleRoIAlign.
+        hidden_channels: None for the paper's single fc; a width for mmcv's ``DeformRoIPoolPack`` layout
+            (``offset_fc`` = fc -> ReLU -> fc -> ReLU -> fc 2 * ph * pw, the last zero-initialised), which
+            converted mmdetection ``dpool`` checkpoints load into.
     """
 
     def __init__(
@@ -243,13 +256,21 @@ class DeformRoIPool(_DeformRoIPoolBase):
         *,
         canonical_scale: int = 224,
         canonical_level: int = 4,
+        hidden_channels: Optional[int] = None,
     ) -> None:
         super().__init__(in_channels, output_size, sampling_ratio, gamma, spatial_scale, featmap_names, aligned,
                          canonical_scale, canonical_level)
         ph, pw = self.output_size
-        self.offset_fc = nn.Linear(in_channels * ph * pw, 2 * ph * pw)
-        nn.init.zeros_(self.offset_fc.weight)
-        nn.init.zeros_(self.offset_fc.bias)
+        if hidden_channels is None:
+            self.offset_fc = nn.Linear(in_channels * ph * pw, 2 * ph * pw)
+            last = self.offset_fc
+        else:
+            _check_width("hidden_channels", hidden_channels)
+            self.offset_fc = _mlp(in_channels * ph * pw, hidden_channels, 2 * ph * pw, hidden_layers=2)
+            last = self.offset_fc[-1]
+        self.hidden_channels = hidden_channels
+        nn.init.zeros_(last.weight)
+        nn.init.zeros_(last.bias)
 
     def predict(self, pooled: Tensor) -> Tuple[Tensor, Optional[Tensor]]:
         return self.offset_fc(pooled).view(-1, 2, *self.output_size), None
@@ -264,6 +285,10 @@ class ModulatedDeformRoIPool(_DeformRoIPoolBase):
 
     Args:
         hidden_channels: width of the two hidden fc layers (1024).
+        mask_branch: ``"shared"`` (the paper's: one MLP predicts offsets and masks) or ``"separate"``
+            (mmcv's ``ModulatedDeformRoIPoolPack``: ``offset_fc`` = 3 fc -> 2 * ph * pw offsets, ``mask_fc`` =
+            fc -> ReLU -> fc ph * pw -> sigmoid, each last fc zero-initialised), which converted
+            mmdetection ``mdpool`` checkpoints load into. Both compute RoIAlign x 0.5 when fresh.
         Others: as in :class:`DeformRoIPool`.
     """
 
@@ -280,32 +305,59 @@ class ModulatedDeformRoIPool(_DeformRoIPoolBase):
         *,
         canonical_scale: int = 224,
         canonical_level: int = 4,
+        mask_branch: str = "shared",
     ) -> None:
         super().__init__(in_channels, output_size, sampling_ratio, gamma, spatial_scale, featmap_names, aligned,
                          canonical_scale, canonical_level)
-        if not isinstance(hidden_channels, int) or isinstance(hidden_channels, bool) or hidden_channels <= 0:
-            raise ValueError(f"hidden_channels must be a positive int, got {hidden_channels!r}")
+        _check_width("hidden_channels", hidden_channels)
+        if mask_branch not in ("shared", "separate"):
+            raise ValueError(f"mask_branch must be 'shared' or 'separate', got {mask_branch!r}")
         self.hidden_channels = hidden_channels
+        self.mask_branch = mask_branch
         ph, pw = self.output_size
-        self.offset_fc = nn.Sequential(
-            nn.Linear(in_channels * ph * pw, hidden_channels),
-            nn.ReLU(inplace=True),
-            nn.Linear(hidden_channels, hidden_channels),
-            nn.ReLU(inplace=True),
-            nn.Linear(hidden_channels, 3 * ph * pw),
-        )
-        for layer in (self.offset_fc[0], self.offset_fc[2]):
-            nn.init.normal_(layer.weight, std=0.01)
-            nn.init.zeros_(layer.bias)
-        nn.init.zeros_(self.offset_fc[4].weight)
-        nn.init.zeros_(self.offset_fc[4].bias)
+        n_in, K = in_channels * ph * pw, ph * pw
+        if mask_branch == "shared":
+            self.offset_fc = _mlp(n_in, hidden_channels, 3 * K, hidden_layers=2)
+        else:
+            self.offset_fc = _mlp(n_in, hidden_channels, 2 * K, hidden_layers=2)
+            self.mask_fc = _mlp(n_in, hidden_channels, K, hidden_layers=1)
+        for branch in (self.offset_fc, getattr(self, "mask_fc", None)):
+            if branch is None:
+                continue
+            for layer in list(branch)[:-1:2]:
+                nn.init.normal_(layer.weight, std=0.01)
+                nn.init.zeros_(layer.bias)
+            nn.init.zeros_(branch[-1].weight)
+            nn.init.zeros_(branch[-1].bias)
+
+    def offset_branch(self) -> nn.Module:
+        if self.mask_branch == "separate":  # both MLPs (not registered twice: a plain container)
+            return nn.ModuleList([self.offset_fc, self.mask_fc])
+        return self.offset_fc
 
     def predict(self, pooled: Tensor) -> Tuple[Tensor, Optional[Tensor]]:
         ph, pw = self.output_size
         out = self.offset_fc(pooled)
         offset = out[:, : 2 * ph * pw].reshape(-1, 2, ph, pw)
-        mask = torch.sigmoid(out[:, 2 * ph * pw :]).reshape(-1, 1, ph, pw)
+        logits = self.mask_fc(pooled) if self.mask_branch == "separate" else out[:, 2 * ph * pw :]
+        mask = torch.sigmoid(logits).reshape(-1, 1, ph, pw)
         return offset, mask
 
     def extra_repr(self) -> str:
-        return super().extra_repr() + f", hidden_channels={self.hidden_channels}"
+        return super().extra_repr() + f", hidden_channels={self.hidden_channels}, mask_branch={self.mask_branch!r}"
+
+
+def _check_width(name: str, value) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+
+def _mlp(n_in: int, hidden: int, n_out: int, hidden_layers: int) -> nn.Sequential:
+    """fc -> ReLU, ``hidden_layers`` times, then the output fc (indices 0, 2, ... are the fc layers)."""
+    layers: List[nn.Module] = []
+    width = n_in
+    for _ in range(hidden_layers):
+        layers += [nn.Linear(width, hidden), nn.ReLU(inplace=True)]
+        width = hidden
+    layers.append(nn.Linear(width, n_out))
+    return nn.Sequential(*layers)
