@@ -12,7 +12,8 @@ import sys
 from typing import List, Optional
 
 # Order shown in --help. A module listed here that does not exist yet is skipped.
-COMMANDS = ("demo", "tour", "data", "train", "eval", "train_cls", "predict", "params", "analyze", "export", "bench")
+COMMANDS = ("demo", "tour", "data", "train", "eval", "train_cls", "predict", "params", "analyze", "export", "convert",
+            "bench")
 
 
 def build_parser() -> argparse.ArgumentParser:
