@@ -339,3 +339,40 @@ def test_convert_checkpoint_reads_files_and_names_the_format(tmp_path):
         convert_checkpoint(path, "mmdet")
     with pytest.raises(ValueError, match="source must be one of"):
         convert_checkpoint(path, "timm")
+
+
+def test_converted_checkpoint_fine_tunes_evaluates_predicts_and_analyzes(tmp_path):
+    """`dcnv2 convert` (detectron2 DCNv1 model) -> `train --init` on another data set (fresh predictors) ->
+    `eval` / `predict` / `analyze figure` with the converted checkpoint."""
+    from dcnv2.cli import main
+    from dcnv2.data import synthetic
+
+    data = tmp_path / "data"
+    synthetic.generate(data, seed=1, num_train=4, num_val=2, image_size=64)
+    src = tmp_path / "d2.pth"
+    torch.save({"model": detectron2_state_dict(classes=7, masks=False)}, src)
+    converted = tmp_path / "converted.pth"
+    assert main(["convert", str(src), "--from", "detectron2", "--out", str(converted), "--min-size", "64",
+                 "--max-size", "64"]) == 0
+    image = next((data / "val").iterdir())
+    assert main(["predict", "--checkpoint", str(converted), str(image), "--out", str(tmp_path / "pred"),
+                 "--score-threshold", "0.0"]) == 0
+    assert main(["analyze", "figure", "--checkpoint", str(converted), "--image", str(image), "--node", "32,32",
+                 "--no-saliency", "--out", str(tmp_path / "fig.png")]) == 0
+    assert (tmp_path / "fig.png").is_file()
+    run = tmp_path / "run"
+    argv = ["train", "--init", str(converted), "--data", str(data), "--out", str(run), "--min-size", "64",
+            "--max-size", "64", "--max-iters", "1", "--batch-size", "2", "--warmup-iters", "1", "--lr-steps",
+            "--workers", "0", "--no-progress", "--no-tensorboard", "--lr", "0.001"]
+    assert main(argv) == 0
+    state = torch.load(run / "model_final.pth", weights_only=True)
+    assert state["model_spec"]["preset"] == "dconv-c3c5" and state["model_spec"]["kwargs"]["stride_in_1x1"]
+    assert state["model_spec"]["num_classes"] != 8  # the data set's classes, fresh predictors
+    before = torch.load(converted, weights_only=True)["model"]
+    key = "backbone.body.layer1.0.conv1.weight"  # conv1 and c2 stay frozen (torchvision's rule for trained trunks)
+    assert torch.equal(state["model"][key], before[key])
+    assert not torch.equal(state["model"]["roi_heads.box_head.fc6.weight"], before["roi_heads.box_head.fc6.weight"])
+    assert main(["eval", "--checkpoint", str(run / "model_final.pth"), "--data", str(data), "--out",
+                 str(tmp_path / "eval"), "--no-progress"]) == 0
+    assert main(["train", "--init", str(converted), "--preset", "regular", "--data", str(data), "--out",
+                 str(tmp_path / "bad")]) == 2

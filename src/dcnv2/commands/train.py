@@ -25,7 +25,11 @@ def add_parser(sub) -> None:
                     "--rdzv_endpoint for several machines).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     g = p.add_argument_group("model")
-    g.add_argument("--preset", default="regular", help="model preset (see dcnv2.models.presets.PRESETS)")
+    g.add_argument("--preset", default=None, help="model preset (see dcnv2.models.presets.PRESETS; default regular)")
+    g.add_argument("--init", default=None, metavar="CHECKPOINT",
+                   help="fine-tune a whole detector: a model_final.pth of `dcnv2 train` or a checkpoint of "
+                        "`dcnv2 convert` (torchvision / mmdetection / detectron2) gives the model (preset, "
+                        "backbone, options) and every weight; predictors start fresh when the classes differ")
     g.add_argument("--arch", choices=["faster_rcnn", "mask_rcnn", "segmenter"], default="faster_rcnn",
                    help="segmenter: DeepLabV3 head (--model-arg head=fcn for FCN) on the preset's DCN ResNet, "
                         "trained on the instance masks as semantic labels")
@@ -107,6 +111,16 @@ def run(args) -> int:
     from dcnv2.engine import distributed as D
     from dcnv2.engine.datasets import load_dataset
 
+    init = None
+    if args.init:
+        from dcnv2.engine.finetune import read_init_checkpoint
+
+        given = [f"--{n.replace('_', '-')}" for n in ("preset", "weights_backbone") if getattr(args, n)]
+        if given:
+            raise ValueError(f"--init takes the model from its checkpoint; drop {' and '.join(given)}")
+        init = read_init_checkpoint(args.init)
+        args.arch, args.preset, args.backbone, args.fpn = init[0].arch, init[0].preset, init[0].backbone, init[0].fpn
+    args.preset = args.preset or "regular"
     if args.arch == "segmenter":
         from dcnv2.engine.datasets import load_segmentation_dataset
 
@@ -118,6 +132,12 @@ def run(args) -> int:
                      num_classes=dataset.num_classes, class_names=list(dataset.class_names),
                      label_to_category_id=dict(dataset.label_to_category_id), min_size=args.min_size,
                      max_size=args.max_size, kwargs=dict(args.model_arg))
+    if init is not None:
+        from dcnv2.engine.finetune import finetune_spec
+
+        spec = finetune_spec(init[0], num_classes=spec.num_classes, class_names=spec.class_names,
+                             label_to_category_id=spec.label_to_category_id, min_size=args.min_size,
+                             max_size=args.max_size, model_args=dict(args.model_arg))
     transfer = _transfer_options(args)
     if args.weights_backbone and transfer is None:
         spec.kwargs["weights_backbone"] = args.weights_backbone
@@ -134,6 +154,12 @@ def run(args) -> int:
         tensorboard=args.tensorboard)
     torch.manual_seed(args.seed)  # identical initial weights on every rank (DDP broadcasts rank 0's anyway)
     model = build_model(spec)
+    if init is not None and not args.resume:  # a resumed run takes every weight from its own checkpoint
+        from dcnv2.engine.finetune import load_init_weights
+
+        notes = load_init_weights(model, init[1], init[0], spec)
+        if D.is_main_process():
+            print("; ".join(notes))
     if transfer is not None and not args.resume:  # a resumed run takes every weight from its checkpoint
         from dcnv2.models.transfer import load_backbone_checkpoint
 

@@ -164,7 +164,8 @@ class DCNMaskRCNN(_DetectorMixin, _TVMaskRCNN):
 
 def _backbone_resnet(name: str, preset: DetectorPreset, conv5_dilation: bool, weights_backbone,
                      trainable_backbone_layers: Optional[int], frozen_bn: Optional[bool], stride_in_1x1: bool):
-    is_trained = weights_backbone is not None
+    # a trunk with frozen BatchNorm is a trained one (a converted COCO detector): torchvision's freezing rule
+    is_trained = weights_backbone is not None or bool(frozen_bn)
     trainable = _validate_trainable_layers(is_trained, trainable_backbone_layers, 5, 3)
     if frozen_bn is None:
         frozen_bn = is_trained
