@@ -40,6 +40,10 @@ def add_parser(sub) -> None:
     p.add_argument("--max-size", type=int, default=None, help="test longer-side cap (default 1333)")
     p.add_argument("--stride-in-1x1", type=_bool, default=None, metavar="true|false",
                    help="detectron2's MODEL.RESNETS.STRIDE_IN_1X1 (default true, the MSRA zoo models)")
+    p.add_argument("--roi-sampling-ratio", type=int, default=None,
+                   help="RoI pooling samples per bin and axis instead of the checkpoint's (mmdetection's and "
+                        "detectron2's 0 = adaptive); a fixed count lets (m)dpool models export to ONNX, at a "
+                        "small change of what they compute")
     p.set_defaults(func=run)
 
 
@@ -49,6 +53,10 @@ def run(args) -> int:
     conversion = convert_checkpoint(args.checkpoint, args.source, num_classes=args.num_classes,
                                     min_size=args.min_size, max_size=args.max_size, to_preset=args.to_preset,
                                     preserve=not args.no_preserve, stride_in_1x1=args.stride_in_1x1)
+    if args.roi_sampling_ratio is not None:
+        conversion.spec.kwargs["roi_sampling_ratio"] = args.roi_sampling_ratio
+        conversion.build()  # the options still make a model
+        conversion.notes.append(f"RoI pooling: {args.roi_sampling_ratio} samples per bin and axis (--roi-sampling-ratio)")
     if args.preset is not None and args.to_preset is None and args.preset != conversion.spec.preset:
         raise ValueError(f"{args.checkpoint} is a {conversion.spec.preset} detector, not {args.preset}"
                          f"{' (' + conversion.spec.preset_fields.get('description', '') + ')' if conversion.spec.preset_fields else ''}"
