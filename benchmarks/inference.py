@@ -1,13 +1,14 @@
-"""Detector inference on CPU: PyTorch eager float32 and bfloat16 (autocast), ONNX Runtime, and the same
-detector with torchvision's deform_conv2d as the peer, for ``regular`` vs ``mdconv-c3c5-mdpool``.
+"""Detector inference on CPU: PyTorch eager float32 and bfloat16 (autocast), ONNX Runtime, OpenVINO (float32,
+when installed), and the same detector with torchvision's deform_conv2d as the peer, for ``regular`` vs
+``mdconv-c3c5-mdpool``.
 
 Two models:
 
 * ``paper`` — the paper's R-50 Faster R-CNN (dilated conv5, RPN on conv4, 2fc 1024, 81 classes), one
   800x1333 image, torchvision's test settings (1000 proposals). Untrained weights: latency only.
 * ``demo``  — the demo's ResNet-18-FPN detector (``SyntheticRecipe``) on a 128 px synthetic image. With
-  ``--demo-checkpoint`` it loads trained weights and also scores float32, bfloat16 and ONNX Runtime on the
-  synthetic validation split (COCO AP), side by side.
+  ``--demo-checkpoint`` it loads trained weights and also scores float32, bfloat16, ONNX Runtime and OpenVINO
+  on the synthetic validation split (COCO AP), side by side.
 
 All variants of a model run in one process, round-robin (so a noisy neighbour hits them alike); each time is
 the best of ``--repeats`` rounds after a warm-up, and the table prints ratios to our float32 eager time. The
@@ -92,21 +93,38 @@ def synthetic_image(size: int) -> torch.Tensor:
     return torch.from_numpy(arr.copy()).permute(2, 0, 1).float() / 255
 
 
-class OnnxDetector(torch.nn.Module):
-    """An ONNX Runtime session called like a detector (list of images -> list of dicts), for evaluation."""
+class ExportedDetector(torch.nn.Module):
+    """An exported model's run function (one image -> boxes, scores, labels, ...) called like a detector (list of
+    images -> list of dicts), for evaluation."""
 
-    def __init__(self, session, transform):
+    def __init__(self, run_one, transform):
         super().__init__()
-        self.session = session
+        self.run_one = run_one
         self.transform = transform
         self._p = torch.nn.Parameter(torch.zeros(0))  # evaluation code reads the device off a parameter
 
     def forward(self, images, targets=None):
         out = []
         for image in images:
-            boxes, scores, labels = run_onnx(self.session, image)[:3]
+            boxes, scores, labels = self.run_one(image)[:3]
             out.append({"boxes": boxes, "scores": scores, "labels": labels})
         return out
+
+
+def openvino_runner(model, image_size):
+    """OpenVINO float32 on the CPU plugin (run one image), or None when openvino is not installed."""
+    try:
+        from dcnv2.export.openvino import export_openvino, openvino_compile, require_openvino, run_openvino
+
+        require_openvino()
+    except ImportError:
+        print("  (openvino is not installed: no OpenVINO row)", flush=True)
+        return None
+    t0 = time.perf_counter()
+    compiled = openvino_compile(export_openvino(ExportableDetector(model), image_size=image_size),
+                                threads=torch.get_num_threads())
+    print(f"  (OpenVINO conversion {time.perf_counter() - t0:.0f} s)", flush=True)
+    return lambda x: run_openvino(compiled, x)
 
 
 def variants(model, image, preset: str) -> Dict[str, Callable[[], object]]:
@@ -121,6 +139,9 @@ def variants(model, image, preset: str) -> Dict[str, Callable[[], object]]:
         "eager bf16": lambda: bf16([image]),
         "ONNX Runtime": lambda: run_onnx(session, image),
     }
+    openvino = openvino_runner(model, tuple(image.shape[1:]))
+    if openvino is not None:
+        runs["OpenVINO fp32"] = lambda: openvino(image)
     if preset != "regular":
         def peer():
             with torchvision_deform_conv():
@@ -182,7 +203,8 @@ def latency_table(kinds: List[str], repeats: int) -> List[str]:
 
 
 def ap_table(checkpoint: str, data: str, images: int) -> List[str]:
-    """float32 vs bfloat16 vs ONNX Runtime AP of a trained demo checkpoint on the synthetic validation split."""
+    """float32 vs bfloat16 vs ONNX Runtime vs OpenVINO AP of a trained demo checkpoint on the synthetic validation
+    split (its images are all ``min_size`` square: the OpenVINO IR's fixed input)."""
     from dcnv2.engine.datasets import load_dataset
     from dcnv2.engine.evaluate import evaluate
     from dcnv2.engine.predict import load_model
@@ -195,7 +217,10 @@ def ap_table(checkpoint: str, data: str, images: int) -> List[str]:
     session = onnx_session(export_onnx(ExportableDetector(model), image_size=(size, size), dynamic=True),
                            threads=torch.get_num_threads())
     runners = {"eager fp32": model, "eager bf16 (autocast)": Bfloat16Detector(model),
-               "ONNX Runtime fp32": OnnxDetector(session, model.transform)}
+               "ONNX Runtime fp32": ExportedDetector(lambda x: run_onnx(session, x), model.transform)}
+    openvino = openvino_runner(model, (size, size))
+    if openvino is not None:
+        runners["OpenVINO fp32"] = ExportedDetector(openvino, model.transform)
     lines = [f"AP on {len(val)} synthetic validation images ({spec.preset}, {checkpoint}):",
              "| variant | AP | AP50 | AP75 | s / image | fp32 detections (score >= 0.05) found again |",
              "|---|---|---|---|---|---|"]
@@ -253,7 +278,7 @@ def main(argv=None) -> int:
     p.add_argument("--data", default="outputs/demo/data", help="synthetic data set of the demo (val split)")
     p.add_argument("--ap-images", type=int, default=0, help="validation images for AP (0: all)")
     p.add_argument("--threads", type=int, default=None,
-                   help="threads for PyTorch and ONNX Runtime alike (default: PyTorch's). On a machine shared with "
+                   help="threads for PyTorch, ONNX Runtime and OpenVINO alike (default: PyTorch's). On a machine shared with "
                         "other jobs, 1 avoids timing the stalls of a multi-threaded op waiting for a descheduled "
                         "thread")
     p.add_argument("--no-op-row", action="store_true", help="skip the single-layer bfloat16 row")

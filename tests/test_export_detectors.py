@@ -2,67 +2,18 @@
 validation images; ``dcnv2 export`` from a checkpoint."""
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 
+from export_support import (BASE_PRESETS, MIMIC_PRESETS, SIZE, LevelPool, _base, _checkpoint, _deform_conv_layers,
+                            _detector, _synthetic_images, level_pool_inputs)
 from dcnv2.export.detector import ExportableDetector
 from dcnv2.export.onnx import export_onnx, onnx_session, run_onnx
 from dcnv2.export.torch_export import export_program, load_program, save_program
 from dcnv2.export.verify import compare_detections
-from dcnv2.models import PRESETS, faster_rcnn, mask_rcnn
+from dcnv2.models import mask_rcnn
 
 pytest.importorskip("onnxruntime")
-
-SIZE = 64
-SMALL = dict(backbone="resnet18", num_classes=4, min_size=SIZE, max_size=SIZE, feature_channels=16,
-             representation_size=32, mdpool_hidden=16, rpn_pre_nms_top_n_test=60, rpn_post_nms_top_n_test=20,
-             box_score_thresh=0.0, box_detections_per_img=100)
-# every candidate (20 proposals x 3 classes) survives the score threshold and the detection cap: a near-tie
-# at a cut could otherwise keep different detections in two runtimes that agree to 1e-7
-
-
-def _base(name: str) -> str:
-    return getattr(PRESETS[name], "base", name) or name
-
-
-BASE_PRESETS = [n for n in PRESETS if _base(n) == n]
-MIMIC_PRESETS = [n for n in PRESETS if _base(n) != n]
-
-
-def _randomise(model, seed=0):
-    """Untrained detectors score every box ~1/C; random offsets and wider logits make a real test."""
-    g = torch.Generator().manual_seed(seed)
-    for mod in model.modules():
-        for name in ("conv_offset", "offset_fc"):
-            sub = getattr(mod, name, None)
-            if sub is not None:
-                for p in sub.parameters():
-                    p.data = torch.randn(p.shape, generator=g) * 0.02
-    cls = model.roi_heads.box_predictor.cls_score
-    cls.weight.data = torch.randn(cls.weight.shape, generator=g) * 0.5
-    return model
-
-
-def _detector(preset, *, fpn=False, builder=faster_rcnn, seed=0):
-    torch.manual_seed(seed)
-    anchors = (8, 16, 32, 48, 64) if fpn else (8, 16, 32)
-    model = builder(preset=preset, fpn=fpn, anchor_sizes=anchors, roi_canonical_scale=28, **SMALL)
-    return _randomise(model.eval(), seed)
-
-
-def _synthetic_images(n=2, size=SIZE, seed=0):
-    from dcnv2.data.synthetic import SynthConfig, render_image
-
-    rng = np.random.default_rng(seed)
-    cfg = SynthConfig(image_size=size)
-    return [torch.from_numpy(render_image(rng, cfg)[0].copy()).permute(2, 0, 1).float() / 255 for _ in range(n)]
-
-
-def _deform_conv_layers(model):
-    from dcnv2.nn import DeformConv2d, ModulatedDeformConv2d
-
-    return sum(isinstance(m, (DeformConv2d, ModulatedDeformConv2d)) for m in model.modules())
 
 
 def _check_onnx(model, images, **export_kw):
@@ -119,6 +70,21 @@ def test_fpn_mask_rcnn_onnx_dynamic_size():
     _check_onnx(model, images, image_size=(SIZE, SIZE), dynamic=True)
 
 
+@pytest.mark.parametrize("kind", ["align", "mdpool"])
+def test_fpn_roi_pooling_traced_on_one_level_pools_every_level(kind):
+    """Traced with every RoI on the first FPN level, run with RoIs on both: none may be lost (a trace of the eager
+    per-level loop keeps only the levels the traced RoIs used)."""
+    layer = LevelPool(kind).eval()
+    traced_inputs = level_pool_inputs(big=0, small=5)
+    blob = export_onnx(layer, example_inputs=traced_inputs, input_names=["p2", "p3", "boxes"],
+                       dynamic_axes={"boxes": {0: "n"}, "output_0": {0: "n"}})
+    session = onnx_session(blob)
+    for inputs in (traced_inputs, level_pool_inputs(big=3, small=4, seed=1), level_pool_inputs(big=2, small=0)):
+        with torch.no_grad():
+            expected = layer(*inputs)
+        torch.testing.assert_close(run_onnx(session, *inputs)[0], expected, atol=1e-5, rtol=1e-5)
+
+
 def test_torch_export_detector_runs_the_same(tmp_path):
     """DCNv2 convs and mdpool; exported with free (square) sizes, saved, loaded, run at two sizes."""
     model = _detector("mdconv-c3c5-mdpool")
@@ -137,17 +103,6 @@ def test_torch_export_detector_runs_the_same(tmp_path):
 def test_torch_export_refuses_mask_rcnn():
     with pytest.raises(ValueError, match="Mask R-CNN.*paste_masks_in_image.*ONNX"):
         export_program(_detector("regular", fpn=True, builder=mask_rcnn))
-
-
-def _checkpoint(tmp_path, preset="mdconv-c3c5-mdpool"):
-    from dcnv2.engine import ModelSpec, build_model, save_checkpoint
-
-    kwargs = {k: v for k, v in SMALL.items() if k not in ("backbone", "num_classes", "min_size", "max_size")}
-    spec = ModelSpec(arch="faster_rcnn", preset=preset, backbone="resnet18", fpn=False, num_classes=4,
-                     min_size=SIZE, max_size=SIZE, kwargs=dict(kwargs, anchor_sizes=(8, 16, 32)))
-    torch.manual_seed(0)
-    model = _randomise(build_model(spec).eval())
-    return save_checkpoint({"model": model.state_dict(), "model_spec": spec.to_dict()}, tmp_path / "model_final.pth")
 
 
 @pytest.mark.parametrize("fmt,suffix", [("onnx", "onnx"),

@@ -1,4 +1,5 @@
-"""``dcnv2 export``: a trained detector to ONNX (standard DeformConv, ONNX Runtime) or a torch.export program."""
+"""``dcnv2 export``: a trained detector to ONNX (standard DeformConv, ONNX Runtime), an OpenVINO IR or a
+torch.export program."""
 from __future__ import annotations
 
 import argparse
@@ -6,26 +7,30 @@ import argparse
 
 def add_parser(sub) -> None:
     p = sub.add_parser(
-        "export", help="export a checkpoint's detector to ONNX or torch.export",
+        "export", help="export a checkpoint's detector to ONNX, OpenVINO or torch.export",
         description="Rebuild the detector from its checkpoint (inference model: no training-only branches) and "
                     "export it. ONNX: one image Tensor[3, H, W] (float, 0..1) in, boxes/scores/labels[/masks] out, "
-                    "deformable convs as the standard DeformConv (opset >= 19). torch-export: a .pt2 program "
-                    "(torch.export.save). Unless --no-verify, the exported model and PyTorch are run on one "
+                    "deformable convs as the standard DeformConv (opset >= 19). openvino: an OpenVINO IR (.xml + "
+                    ".bin) through OpenVINO's PyTorch frontend, deformable convs as its DeformableConvolution, at "
+                    "the traced size. torch-export: a .pt2 program (torch.export.save). Unless --no-verify, the exported model and PyTorch are run on one "
                     "random image and their detections compared.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="checkpoint_last.pth or model_final.pth of `dcnv2 train`")
-    p.add_argument("--format", required=True, choices=("onnx", "torch-export"), help="what to write")
-    p.add_argument("--out", required=True, help="output file (.onnx or .pt2)")
+    p.add_argument("--format", required=True, choices=("onnx", "openvino", "torch-export"), help="what to write")
+    p.add_argument("--out", required=True, help="output file (.onnx, .xml with its .bin beside it, or .pt2)")
     p.add_argument("--image-size", type=int, nargs=2, metavar=("H", "W"), default=None,
                    help="traced input size (default: the model's test size, square)")
     p.add_argument("--dynamic", action="store_true",
-                   help="free input height and width (torch-export keeps the resize's aspect guard)")
+                   help="free input height and width (torch-export keeps the resize's aspect guard; not for openvino, "
+                        "whose IR takes the traced size)")
     p.add_argument("--opset", type=int, default=19, help="ONNX opset (>= 19, the first with DeformConv)")
     p.add_argument("--no-verify", action="store_true", help="skip running the exported model against PyTorch")
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
+    from pathlib import Path
+
     import torch
 
     from dcnv2.engine import load_model
@@ -43,6 +48,16 @@ def run(args) -> int:
                 require_onnxruntime()
             except MissingDependencyError as exc:
                 raise RuntimeError(f"{exc}; or pass --no-verify to export without running the model") from exc
+    if args.format == "openvino":  # fail on a bad request before loading anything
+        from dcnv2.export.openvino import require_openvino
+
+        if args.dynamic:
+            raise ValueError("--dynamic is not available with --format openvino: the traced graph fixes which side "
+                             "limits the resize, so the IR takes the traced size only; pass --image-size H W")
+        if not args.out.endswith(".xml"):
+            raise ValueError(f"--out must name the IR's .xml file with --format openvino (the weights go to a .bin "
+                             f"beside it), got {args.out!r}")
+        require_openvino()
     model, spec = load_model(args.checkpoint, device="cpu")
     wrapped = ExportableDetector(model)
     size = tuple(args.image_size) if args.image_size else default_image_size(wrapped)
@@ -52,13 +67,21 @@ def run(args) -> int:
 
         path = export_onnx(wrapped, args.out, image_size=size, dynamic=args.dynamic, opset=args.opset)
         run_exported = None if args.no_verify else (lambda x: run_onnx(onnx_session(path), x))
+    elif args.format == "openvino":
+        from dcnv2.export.openvino import export_openvino, openvino_compile, run_openvino
+
+        export_openvino(wrapped, args.out, image_size=size)
+        path = Path(args.out)
+        run_exported = None if args.no_verify else (lambda x: run_openvino(openvino_compile(path), x))
     else:
         from dcnv2.export.torch_export import export_program, save_program
 
         program = export_program(wrapped, image_size=size, dynamic=args.dynamic)
         path = save_program(program, args.out)
         run_exported = None if args.no_verify else (lambda x: program.module()(x))
-    print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB): {spec.arch} {spec.preset} {spec.backbone}"
+    weights = path.with_suffix(".bin") if args.format == "openvino" else path  # the IR's size is its weights'
+    size_text = f"{weights.stat().st_size / 1e6:.1f} MB" + (f" with {weights.name}" if weights != path else "")
+    print(f"wrote {path} ({size_text}): {spec.arch} {spec.preset} {spec.backbone}"
           f"{' FPN' if spec.fpn else ''}, input image [3, {'H' if args.dynamic else size[0]}, "
           f"{'W' if args.dynamic else size[1]}], outputs {', '.join(wrapped.names)}")
     if run_exported is not None:

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from torchvision.models.detection.generalized_rcnn import GeneralizedRCNN
 
 __all__ = ["ExportableDetector", "is_detector", "inference_copy", "output_names", "example_image",
-           "exportable_nms"]
+           "exportable_nms", "traceable_level_pooling"]
 
 
 def is_detector(model: nn.Module) -> bool:
@@ -129,3 +129,34 @@ def exportable_nms() -> Iterator[None]:
         yield
     finally:
         box_ops.batched_nms = saved
+
+
+def _pool_every_level(levels: Tensor, num_levels: int, pool_level) -> Tensor:
+    """:func:`dcnv2.nn.deform_roi_pool.pool_by_level` without its data-dependent branches: every level is
+    pooled, empty or not, and the results are always put back in the RoIs' order. A trace of the eager version
+    keeps only the levels the traced image's RoIs fell on, so another image with RoIs on a further level would
+    lose them (and fail a reshape downstream)."""
+    parts, order = [], []
+    for level in range(num_levels):
+        idx = torch.where(levels == level)[0]
+        parts.append(pool_level(level, idx))
+        order.append(idx)
+    order_t = torch.cat(order)
+    inverse = torch.empty_like(order_t)
+    inverse[order_t] = torch.ones_like(order_t).cumsum(0) - 1  # arange of a traced length
+    return torch.cat(parts).index_select(0, inverse)
+
+
+@contextlib.contextmanager
+def traceable_level_pooling() -> Iterator[None]:
+    """While tracing (ONNX, OpenVINO), multi-level RoI pooling (FPN) pools every level
+    (:func:`_pool_every_level`). Restored on exit."""
+    import dcnv2.nn.deform_roi_pool as layer_module
+    from dcnv2.models import poolers
+
+    saved = layer_module.pool_by_level, poolers.pool_by_level
+    layer_module.pool_by_level = poolers.pool_by_level = _pool_every_level
+    try:
+        yield
+    finally:
+        layer_module.pool_by_level, poolers.pool_by_level = saved

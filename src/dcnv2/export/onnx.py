@@ -30,7 +30,8 @@ import torch
 from torch import Tensor, nn
 
 from dcnv2.export import onnx_ops
-from dcnv2.export.detector import ExportableDetector, default_image_size, example_image, is_detector
+from dcnv2.export.detector import (ExportableDetector, default_image_size, example_image, is_detector,
+                                   traceable_level_pooling)
 
 __all__ = ["MIN_OPSET", "DEFAULT_OPSET", "export_onnx", "onnx_session", "run_onnx", "require_onnxruntime",
            "MissingDependencyError"]
@@ -129,7 +130,7 @@ def export_onnx(
         warnings.filterwarnings("ignore", category=DeprecationWarning)
         warnings.filterwarnings("ignore", category=FutureWarning)  # torchvision's ONNX helpers use torch.jit.script
         warnings.filterwarnings("ignore", message=".*(To copy construct from a tensor|advanced indexing).*")
-        with torch.no_grad():
+        with torch.no_grad(), traceable_level_pooling():
             torch.onnx.export(wrapped, tuple(example_inputs), f, dynamo=False, opset_version=opset,
                               input_names=inputs, output_names=outputs, dynamic_axes=dict(axes) if axes else None,
                               do_constant_folding=True)

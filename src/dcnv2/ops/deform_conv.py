@@ -9,6 +9,7 @@ from torch import Tensor
 from dcnv2.ops import _checks, reference
 from dcnv2.ops import triton as _triton
 from dcnv2.ops._native import HAS_NATIVE
+from dcnv2.ops.trace_mode import in_torchvision_form
 
 __all__ = ["deform_conv2d"]
 
@@ -51,7 +52,7 @@ def deform_conv2d(
     input, offset, weight, bias, mask = _autocast_inputs(input, offset, weight, bias, mask)
     groups, offset_groups = _validate(input, offset, weight, bias, stride, padding, dilation, mask)
 
-    backend = backend_for(input)
+    backend = "torchvision" if in_torchvision_form() else backend_for(input)
     if backend == "torchvision":
         import torchvision
 

@@ -11,6 +11,7 @@ from torch import Tensor
 from dcnv2.ops import _checks, reference
 from dcnv2.ops import triton as _triton
 from dcnv2.ops._native import HAS_NATIVE
+from dcnv2.ops.trace_mode import in_torchvision_form
 
 __all__ = ["deform_roi_pool"]
 
@@ -58,7 +59,8 @@ def deform_roi_pool(
     offsets) read as zero.
     """
     output_size = _checks.pair("output_size", output_size)
-    if torch.onnx.is_in_onnx_export():  # no ONNX op: export a decomposition into standard ops
+    # no ONNX (or torchvision) op: export a decomposition into standard ops
+    if torch.onnx.is_in_onnx_export() or in_torchvision_form():
         from dcnv2.ops import traceable
 
         return traceable.deform_roi_pool(input, rois_to_tensor(rois, input), offset, mask, output_size,
