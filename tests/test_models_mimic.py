@@ -98,7 +98,8 @@ def test_region_sets_pick_the_right_rois_and_cap_the_count():
 
 def test_config_checks_and_overrides():
     assert MimicConfig().to_dict() == dict(regions="fg", rois_per_image=32, patch_size=224, mimic_weight=0.1,
-                                           cls_weight=0.1, level=None, reduction="image")
+                                           cls_weight=0.1, level=None, reduction="image", gradient="both",
+                                           roi_source="sampled")
     cfg = MimicConfig.resolve("fg+bg", {"patch_size": 64})
     assert cfg.regions == "fg+bg" and cfg.patch_size == 64 and cfg.rois_per_image == 32
     assert not MimicConfig.resolve("none", None).enabled
@@ -249,3 +250,82 @@ def test_mimic_presets_train_a_step_and_evaluate(builder, fpn, preset, level):
     with torch.no_grad():
         out = model(batch(masks)[0])
     assert len(out) == 2 and all("boxes" in o for o in out)
+
+
+# --- where the cosine loss's gradient flows, and which RoIs are mimicked ---------------------------------------
+
+def _box_head_outputs(model):
+    """The box head's outputs in call order (detector's RoIs, f_FRCNN, f_RCNN), each keeping its gradient."""
+    outs = []
+
+    def hook(module, args, out):
+        out.retain_grad()
+        outs.append(out)
+
+    model.roi_heads.box_head.register_forward_hook(hook)
+    return outs
+
+
+@pytest.mark.parametrize("gradient, into_frcnn, into_rcnn", [("both", True, True), ("rcnn", False, True),
+                                                             ("frcnn", True, False)])
+def test_gradient_option_decides_which_branch_the_cosine_loss_trains(gradient, into_frcnn, into_rcnn):
+    model = build("dcnv2", mimic=dict(SMALL_MIMIC, gradient=gradient))
+    outs = _box_head_outputs(model)
+    model.train()
+    losses = model(*batch())
+    assert len(outs) == 3 and losses["loss_mimic"] > 0
+    losses["loss_mimic"].backward()
+    f_frcnn, f_rcnn = outs[1], outs[2]
+    reached = lambda t: t.grad is not None and bool(t.grad.abs().sum() > 0)  # noqa: E731
+    assert reached(f_frcnn) is into_frcnn and reached(f_rcnn) is into_rcnn
+    # the R-CNN classifier trains the R-CNN branch whatever the option
+    model.zero_grad()
+    for t in outs:
+        t.grad = None
+    outs.clear()
+    model(*batch())["loss_rcnn_cls"].backward()
+    assert reached(outs[2])
+
+
+def test_roi_source_proposals_mimics_labelled_rpn_proposals_without_the_ground_truth(monkeypatch):
+    from torchvision.ops import box_iou
+
+    from dcnv2.models import mimic as mimic_module
+
+    seen = {}
+    original = mimic_module.select_mimic_rois
+
+    def spy(proposals, labels, regions, rois_per_image):
+        seen["candidates"] = (proposals, labels)
+        return original(proposals, labels, regions, rois_per_image)
+
+    monkeypatch.setattr(mimic_module, "select_mimic_rois", spy)
+    images, targets = batch()
+    for source in ("sampled", "proposals"):
+        model = build("dcnv2", mimic=dict(SMALL_MIMIC, roi_source=source))
+        rpn_out = []
+        model.rpn.register_forward_hook(lambda m, a, out: rpn_out.append(out[0]))
+        scaled = []
+        model.transform.register_forward_hook(lambda m, a, out: scaled.append(out[1]))
+        model.train()
+        torch.manual_seed(0)
+        model(images, targets)
+        proposals, labels = seen["candidates"]
+        gt = [t["boxes"] for t in scaled[0]]
+        has_gt = any(bool((box_iou(g, p) > 0.999).any()) for g, p in zip(gt, proposals) if len(g) and len(p))
+        if source == "sampled":
+            assert has_gt  # torchvision's sampler adds the ground-truth boxes to the proposals
+            continue
+        for p, lab, g, rpn in zip(proposals, labels, gt, rpn_out[0]):
+            assert len(p) <= len(rpn) and (lab >= 0).all()
+            best = box_iou(p, g).max(dim=1).values if len(g) else torch.zeros(len(p))
+            assert (best[lab > 0] >= 0.5).all() and (best[lab == 0] < 0.5).all()
+            kept = {tuple(b.tolist()) for b in p}
+            assert kept <= {tuple(b.tolist()) for b in rpn}  # RPN proposals only
+
+
+def test_mimic_options_are_checked():
+    with pytest.raises(ValueError, match="gradient"):
+        MimicConfig(gradient="teacher")
+    with pytest.raises(ValueError, match="roi_source"):
+        MimicConfig(roi_source="gt")

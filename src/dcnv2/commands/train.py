@@ -62,6 +62,12 @@ def add_parser(sub) -> None:
                    help="FPN: pool the whole patch from this feature map (e.g. 2 = P4) instead of the level mapping")
     g.add_argument("--mimic-reduction", choices=["image", "roi"], default=None,
                    help="image: the paper's sum over each image's RoIs (averaged over images); roi: mean over RoIs")
+    g.add_argument("--mimic-gradient", choices=["both", "rcnn", "frcnn"], default=None,
+                   help="where the cosine loss's gradient flows: both branches (paper), the R-CNN branch only "
+                        "(the Fast R-CNN feature a fixed target) or the Fast R-CNN feature only (a fixed teacher)")
+    g.add_argument("--mimic-roi-source", choices=["sampled", "proposals"], default=None,
+                   help="mimic the head's sampled RoIs (torchvision adds the ground-truth boxes) or the RPN's "
+                        "proposals labelled by the head's matcher (the paper's positive proposals)")
     g = p.add_argument_group("data")
     g.add_argument("--data", required=True, help="data set root: DIR/annotations/instances_SPLIT.json + DIR/SPLIT/ "
                    "(COCO format), or a PASCAL VOC folder (Annotations/, ImageSets/Main/SPLIT.txt, JPEGImages/; "
@@ -257,7 +263,8 @@ def mimic_options(args) -> dict:
     """The feature-mimicking settings given on the command line (the rest stay the preset's)."""
     given = {"regions": args.mimic_regions, "rois_per_image": args.mimic_rois, "patch_size": args.mimic_patch_size,
              "mimic_weight": args.mimic_weight, "cls_weight": args.rcnn_cls_weight, "level": args.mimic_level,
-             "reduction": args.mimic_reduction}
+             "reduction": args.mimic_reduction, "gradient": args.mimic_gradient,
+             "roi_source": args.mimic_roi_source}
     return {k: v for k, v in given.items() if v is not None}
 
 

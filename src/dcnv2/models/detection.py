@@ -129,7 +129,8 @@ class _DetectorMixin:
         if sampled is None:
             raise RuntimeError("the RoI heads did not record their training samples (roi_heads must be a "
                                "MimicRoIHeads for feature mimicking)")
-        mimic_losses = self.mimic(self, images.tensors, images.image_sizes, features, *sampled)
+        mimic_losses = self.mimic(self, images.tensors, images.image_sizes, features, *sampled,
+                                  rpn_proposals=proposals, targets=targets)
         return {**detector_losses, **proposal_losses, **mimic_losses}
 
     def inference_state_dict(self) -> Dict[str, Tensor]:

@@ -30,10 +30,12 @@ from torch import Tensor, nn
 from torchvision.models.detection.roi_heads import RoIHeads
 from torchvision.ops import roi_align
 
-__all__ = ["MIMIC_REGIONS", "MimicConfig", "FeatureMimicking", "MimicRoIHeads", "crop_patches", "mimic_loss",
+__all__ = ["MIMIC_REGIONS", "MIMIC_GRADIENTS", "MIMIC_ROI_SOURCES", "MimicConfig", "FeatureMimicking", "MimicRoIHeads", "crop_patches", "mimic_loss",
            "select_mimic_rois", "strip_mimicking", "inference_state_dict", "TRAINING_ONLY_PREFIX"]
 
 MIMIC_REGIONS = ("fg", "fg+bg", "bg", "none")
+MIMIC_GRADIENTS = ("both", "rcnn", "frcnn")
+MIMIC_ROI_SOURCES = ("sampled", "proposals")
 TRAINING_ONLY_PREFIX = "mimic."
 
 
@@ -52,6 +54,13 @@ class MimicConfig:
             None picks it with the box pooling's usual level mapping.
         reduction: ``"image"``: the paper's sum of ``1 - cos`` over an image's RoIs, averaged over the images;
             ``"roi"``: the mean over all mimicked RoIs.
+        gradient: where the cosine loss's gradient flows: ``"both"`` (the paper's joint training: into the
+            Fast R-CNN feature and the R-CNN branch), ``"rcnn"`` (the R-CNN branch only: the Fast R-CNN 2fc
+            feature is a fixed target) or ``"frcnn"`` (the Fast R-CNN feature only: the R-CNN branch's feature
+            is a fixed teacher). The classifier's cross-entropy always trains the R-CNN branch.
+        roi_source: the RoIs mimicked: ``"sampled"`` (the Fast R-CNN head's sampled RoIs, which torchvision
+            draws from the proposals plus the ground-truth boxes) or ``"proposals"`` (the RPN's proposals alone,
+            labelled by the head's matcher, as the paper's "positive proposals"; ignored IoUs left out).
     """
 
     regions: str = "fg"
@@ -61,10 +70,16 @@ class MimicConfig:
     cls_weight: float = 0.1
     level: Optional[str] = None
     reduction: str = "image"
+    gradient: str = "both"
+    roi_source: str = "sampled"
 
     def __post_init__(self) -> None:
         if self.reduction not in ("image", "roi"):
             raise ValueError(f"MimicConfig.reduction must be 'image' or 'roi', got {self.reduction!r}")
+        if self.gradient not in MIMIC_GRADIENTS:
+            raise ValueError(f"MimicConfig.gradient must be one of {MIMIC_GRADIENTS}, got {self.gradient!r}")
+        if self.roi_source not in MIMIC_ROI_SOURCES:
+            raise ValueError(f"MimicConfig.roi_source must be one of {MIMIC_ROI_SOURCES}, got {self.roi_source!r}")
         if self.regions not in MIMIC_REGIONS:
             raise ValueError(f"MimicConfig.regions must be one of {MIMIC_REGIONS}, got {self.regions!r}")
         for name in ("rois_per_image", "patch_size"):
@@ -181,6 +196,27 @@ def select_mimic_rois(proposals: List[Tensor], labels: List[Tensor], regions: st
     return boxes_out, labels_out
 
 
+@torch.no_grad()
+def label_proposals(heads: RoIHeads, proposals: List[Tensor],
+                    targets: List[Dict[str, Tensor]]) -> Tuple[List[Tensor], List[Tensor]]:
+    """The RPN's proposals with the Fast R-CNN head's labels (its matcher: IoU >= fg threshold -> the box's
+    class, below the bg threshold -> 0), without the ground-truth boxes torchvision's sampler adds; proposals
+    between the thresholds are left out.
+
+    Returns:
+        (N Tensor[L_i, 4] proposals, N Tensor[L_i] labels).
+    """
+    gt_boxes = [t["boxes"].to(p.dtype) for t, p in zip(targets, proposals)]
+    gt_labels = [t["labels"] for t in targets]
+    _, labels = heads.assign_targets_to_proposals(proposals, gt_boxes, gt_labels)
+    out_boxes, out_labels = [], []
+    for boxes, lab in zip(proposals, labels):
+        keep = lab >= 0
+        out_boxes.append(boxes[keep].detach())
+        out_labels.append(lab[keep])
+    return out_boxes, out_labels
+
+
 class MimicRoIHeads(RoIHeads):
     """torchvision's ``RoIHeads`` that keeps the RoIs (and labels) it sampled for training in
     ``last_training_samples``, for the mimicking branch. Same parameters and behaviour otherwise."""
@@ -246,18 +282,26 @@ class FeatureMimicking(nn.Module):
         nn.init.zeros_(self.rcnn_classifier.bias)
 
     def forward(self, detector: nn.Module, images: Tensor, image_sizes: List[Tuple[int, int]],
-                features: Dict[str, Tensor], proposals: List[Tensor], labels: List[Tensor]) -> Dict[str, Tensor]:
+                features: Dict[str, Tensor], proposals: List[Tensor], labels: List[Tensor],
+                rpn_proposals: Optional[List[Tensor]] = None,
+                targets: Optional[List[Dict[str, Tensor]]] = None) -> Dict[str, Tensor]:
         """Args:
             detector: the Faster/Mask R-CNN whose backbone, box pooling and box head are shared.
             images: Tensor[N, 3, H, W] the transformed (normalised, resized, padded) batch.
             image_sizes: N (height, width) of the transformed images.
             features: the backbone's output for ``images``.
             proposals, labels: the RoIs the Fast R-CNN head trained on, and their labels.
+            rpn_proposals, targets: the RPN's proposals and the (transformed) targets, which
+                ``roi_source="proposals"`` needs.
 
         Returns:
             ``{"loss_mimic", "loss_rcnn_cls"}``, already weighted.
         """
         cfg = self.config
+        if cfg.roi_source == "proposals":
+            if rpn_proposals is None or targets is None:
+                raise ValueError("MimicConfig.roi_source='proposals' needs the RPN proposals and the targets")
+            proposals, labels = label_proposals(detector.roi_heads, rpn_proposals, targets)
         boxes, roi_labels = select_mimic_rois(proposals, labels, cfg.regions, cfg.rois_per_image)
         flat_boxes = torch.cat(boxes) if boxes else images.new_zeros((0, 4))
         flat_labels = torch.cat(roi_labels) if roi_labels else images.new_zeros((0,), dtype=torch.long)
@@ -279,17 +323,21 @@ class FeatureMimicking(nn.Module):
         f_rcnn = heads.box_head(pooled)
         loss_cls = F.cross_entropy(self.rcnn_classifier(f_rcnn.to(self.rcnn_classifier.weight.dtype)).float(),
                                    flat_labels)
+        if cfg.gradient == "rcnn":  # the Fast R-CNN feature is a fixed target
+            f_frcnn = f_frcnn.detach()
+        elif cfg.gradient == "frcnn":  # the R-CNN feature is a fixed teacher (its classifier still trains it)
+            f_rcnn_target = f_rcnn.detach()
         if cfg.reduction == "image":  # the paper's sum over each image's Ω, averaged over the batch
-            loss = mimic_loss(f_rcnn, f_frcnn, "sum") / len(boxes)
+            loss = mimic_loss(f_rcnn_target if cfg.gradient == "frcnn" else f_rcnn, f_frcnn, "sum") / len(boxes)
         else:
-            loss = mimic_loss(f_rcnn, f_frcnn, "mean")
+            loss = mimic_loss(f_rcnn_target if cfg.gradient == "frcnn" else f_rcnn, f_frcnn, "mean")
         return {"loss_mimic": cfg.mimic_weight * loss, "loss_rcnn_cls": cfg.cls_weight * loss_cls}
 
     def extra_repr(self) -> str:
         c = self.config
         return (f"regions={c.regions!r}, rois_per_image={c.rois_per_image}, patch_size={c.patch_size}, "
                 f"mimic_weight={c.mimic_weight}, cls_weight={c.cls_weight}, level={c.level!r}, "
-                f"reduction={c.reduction!r}")
+                f"reduction={c.reduction!r}, gradient={c.gradient!r}, roi_source={c.roi_source!r}")
 
 
 def strip_mimicking(model: nn.Module) -> nn.Module:
