@@ -131,32 +131,12 @@ def exportable_nms() -> Iterator[None]:
         box_ops.batched_nms = saved
 
 
-def _pool_every_level(levels: Tensor, num_levels: int, pool_level) -> Tensor:
-    """:func:`dcnv2.nn.deform_roi_pool.pool_by_level` without its data-dependent branches: every level is
-    pooled, empty or not, and the results are always put back in the RoIs' order. A trace of the eager version
-    keeps only the levels the traced image's RoIs fell on, so another image with RoIs on a further level would
-    lose them (and fail a reshape downstream)."""
-    parts, order = [], []
-    for level in range(num_levels):
-        idx = torch.where(levels == level)[0]
-        parts.append(pool_level(level, idx))
-        order.append(idx)
-    order_t = torch.cat(order)
-    inverse = torch.empty_like(order_t)
-    inverse[order_t] = torch.ones_like(order_t).cumsum(0) - 1  # arange of a traced length
-    return torch.cat(parts).index_select(0, inverse)
-
-
 @contextlib.contextmanager
 def traceable_level_pooling() -> Iterator[None]:
-    """While tracing (ONNX, OpenVINO), multi-level RoI pooling (FPN) pools every level
-    (:func:`_pool_every_level`). Restored on exit."""
-    import dcnv2.nn.deform_roi_pool as layer_module
-    from dcnv2.models import poolers
+    """While tracing (ONNX, OpenVINO), multi-level RoI pooling (FPN) pools every level, empty or not
+    (:func:`dcnv2.nn.deform_roi_pool.every_level_pooling`): a trace of the eager loop keeps only the levels the
+    traced image's RoIs fell on."""
+    from dcnv2.nn.deform_roi_pool import every_level_pooling
 
-    saved = layer_module.pool_by_level, poolers.pool_by_level
-    layer_module.pool_by_level = poolers.pool_by_level = _pool_every_level
-    try:
+    with every_level_pooling():
         yield
-    finally:
-        layer_module.pool_by_level, poolers.pool_by_level = saved

@@ -9,8 +9,9 @@ each RoI is pooled from the level LevelMapper picks, and the offset branch is sh
 """
 from __future__ import annotations
 
+import contextlib
 import math
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
@@ -18,7 +19,7 @@ from torch import Tensor, nn
 from dcnv2.ops import _checks
 from dcnv2.ops.deform_roi_pool import deform_roi_pool, rois_to_tensor
 
-__all__ = ["DeformRoIPool", "ModulatedDeformRoIPool", "pool_by_level"]
+__all__ = ["DeformRoIPool", "ModulatedDeformRoIPool", "pool_by_level", "every_level_pooling"]
 
 
 def pool_by_level(levels: Tensor, num_levels: int, pool_level) -> Tensor:
@@ -30,6 +31,8 @@ def pool_by_level(levels: Tensor, num_levels: int, pool_level) -> Tensor:
     autograd copies it again in the backward (at 512 RoIs x 128 x 7 x 7 that was 8 full copies of 13 MB
     per training step).
     """
+    if _EVERY_LEVEL[0] or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
+        return _pool_every_level(levels, num_levels, pool_level)
     parts, order = [], []
     for level in range(num_levels):
         idx = torch.where(levels == level)[0]
@@ -43,6 +46,37 @@ def pool_by_level(levels: Tensor, num_levels: int, pool_level) -> Tensor:
     order_t = torch.cat(order)
     inverse = torch.empty_like(order_t)
     inverse[order_t] = torch.arange(order_t.numel(), device=order_t.device)
+    return torch.cat(parts).index_select(0, inverse)
+
+
+_EVERY_LEVEL = [False]
+
+
+@contextlib.contextmanager
+def every_level_pooling() -> Iterator[None]:
+    """Within the block, :func:`pool_by_level` pools every level, branch-free (what exporters trace; also
+    on whenever ``torch.jit`` traces or ONNX exports)."""
+    saved = _EVERY_LEVEL[0]
+    _EVERY_LEVEL[0] = True
+    try:
+        yield
+    finally:
+        _EVERY_LEVEL[0] = saved
+
+
+def _pool_every_level(levels: Tensor, num_levels: int, pool_level) -> Tensor:
+    """:func:`pool_by_level` without data-dependent branches, for traces (ONNX, OpenVINO): every level is
+    pooled, empty or not, and the results always go back in the RoIs' order. A trace of the eager version keeps
+    only the levels the traced image's RoIs fell on, so another image with RoIs on a further level would lose
+    them (and fail a reshape downstream)."""
+    parts, order = [], []
+    for level in range(num_levels):
+        idx = torch.where(levels == level)[0]
+        parts.append(pool_level(level, idx))
+        order.append(idx)
+    order_t = torch.cat(order)
+    inverse = torch.empty_like(order_t)
+    inverse[order_t] = torch.ones_like(order_t).cumsum(0) - 1  # an arange of traced length
     return torch.cat(parts).index_select(0, inverse)
 
 
