@@ -376,3 +376,16 @@ def test_converted_checkpoint_fine_tunes_evaluates_predicts_and_analyzes(tmp_pat
                  str(tmp_path / "eval"), "--no-progress"]) == 0
     assert main(["train", "--init", str(converted), "--preset", "regular", "--data", str(data), "--out",
                  str(tmp_path / "bad")]) == 2
+
+
+class _MessageHub:  # stands for mmengine's objects inside an mmdetection 3.x checkpoint
+    def __init__(self):
+        self.scalars = [1.0]
+
+
+def test_checkpoint_with_python_objects_is_refused_with_the_way_out(tmp_path):
+    path = tmp_path / "mmdet3.pth"
+    torch.save({"state_dict": {"a": torch.zeros(1)}, "message_hub": _MessageHub()}, path)
+    with pytest.raises(ValueError, match="holds Python objects besides its weights") as err:
+        read_peer_checkpoint(path)
+    assert "weights_only=False" in str(err.value) and str(path) in str(err.value)

@@ -79,6 +79,13 @@ def read_peer_checkpoint(path: Union[str, os.PathLike]) -> PeerCheckpoint:
         else:
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # truncated files, foreign pickles, refused classes
+        if "Weights only load failed" in str(exc):
+            raise ValueError(
+                f"checkpoint {str(path)!r} holds Python objects besides its weights (e.g. mmengine's message hub "
+                "or a training config), which dcnv2 does not unpickle: a pickle can run code. Where you trust "
+                "the file, save its weights alone and convert that: python -c \"import torch; c = torch.load("
+                f"'{path}', weights_only=False); torch.save({{'state_dict': c.get('state_dict', c.get('model', "
+                "c)), 'meta': c.get('meta', {})}, 'weights.pth')\"") from None
         raise ValueError(f"checkpoint {str(path)!r} could not be read ({type(exc).__name__}: {exc})") from None
     if not isinstance(obj, dict):
         raise ValueError(f"checkpoint {str(path)!r} holds a {type(obj).__name__}, not a state dict")
