@@ -5,7 +5,7 @@
     python benchmarks/ablation.py --recipe pretrained --table 3 --seeds 0 1 2 --threads 1
     python benchmarks/ablation.py --recipe pretrained --presets dcnv2 --mimic cls_weight=0 --seeds 0 1 2 --threads 1
 
-``--recipe pretrained`` runs the demo's recipe (:mod:`dcnv2.engine.ablation`): its data, each trunk
+``--recipe pretrained`` runs the demo's recipe (:mod:`dcnv2.experiments.ablation`): its data, each trunk
 crop-pre-trained, then the detector on the demo's fixed schedule; every finished (preset, seed) run is kept
 under OUT/runs and reused by the next call, so the table grows across sessions. ``--mimic key=value``
 changes the mimicking branch (:class:`dcnv2.models.mimic.MimicConfig` fields) of the mimicking presets.
@@ -52,7 +52,7 @@ def main(argv=None) -> int:
                    "train nothing")
     args = p.parse_args(argv)
     if args.table:
-        from dcnv2.engine.ablation import TABLE1_PRESETS, TABLE3_PRESETS
+        from dcnv2.experiments.ablation import TABLE1_PRESETS, TABLE3_PRESETS
 
         if args.presets:
             p.error("give --table or --presets, not both")
@@ -65,10 +65,10 @@ def main(argv=None) -> int:
 
     torch.set_num_threads(args.threads or os.cpu_count() or 1)
     from dcnv2 import data
-    from dcnv2.engine.compare import compare_presets
+    from dcnv2.experiments.compare import compare_presets
     from dcnv2.engine.datasets import load_dataset
-    from dcnv2.engine.demo import ensure_synthetic_data
-    from dcnv2.engine.recipes import SyntheticRecipe
+    from dcnv2.experiments.demo import ensure_synthetic_data
+    from dcnv2.experiments.recipes import SyntheticRecipe
     from dcnv2.models.presets import PRESETS
 
     presets = args.presets or list(PRESETS)
@@ -143,7 +143,7 @@ def _pretrained(p, args) -> int:
     import torch
 
     torch.set_num_threads(args.threads or os.cpu_count() or 1)
-    from dcnv2.engine.ablation import format_seed_table, run_name, run_pretrained_ablation
+    from dcnv2.experiments.ablation import format_seed_table, run_name, run_pretrained_ablation
     from dcnv2.models.mimic import MimicConfig
 
     mimic = _parse_mimic(p, args.mimic)

@@ -36,9 +36,9 @@ def main() -> int:
     from dcnv2.engine.classification import collate_train
     from dcnv2.engine.config import build_model
     from dcnv2.engine.datasets import load_dataset
-    from dcnv2.engine.demo import DEMO_DATA, ensure_synthetic_data
-    from dcnv2.engine.pretrain import ObjectCrops, crop_classifier
-    from dcnv2.engine.recipes import SyntheticRecipe
+    from dcnv2.experiments.demo import DEMO_DATA, ensure_synthetic_data
+    from dcnv2.experiments.pretrain import ObjectCrops, crop_classifier
+    from dcnv2.experiments.recipes import SyntheticRecipe
     from dcnv2.models import poolers
 
     data_dir = ensure_synthetic_data(Path(tempfile.gettempdir()) / "dcnv2_demo_step_data", seed=0,

@@ -50,7 +50,7 @@ def torchvision_deform_conv():
 
 def build(kind: str, preset: str):
     from dcnv2.engine.config import ModelSpec, build_model
-    from dcnv2.engine.recipes import SyntheticRecipe
+    from dcnv2.experiments.recipes import SyntheticRecipe
 
     torch.manual_seed(0)
     if kind == "paper":

@@ -34,7 +34,7 @@ def _targets(n_images, n_boxes, h, w, gen, num_classes):
 
 
 def _case(name):
-    from dcnv2.engine.recipes import SyntheticRecipe
+    from dcnv2.experiments.recipes import SyntheticRecipe
 
     if name == "paper":
         return dict(title="paper R-50 Faster R-CNN, 800x1333, batch 1", batch=1, h=800, w=1333, classes=81,

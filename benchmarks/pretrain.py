@@ -179,7 +179,7 @@ def _train_detector(det_preset, init, offsets, seed, args, train_set, val_set, r
 
     from dcnv2 import data
     from dcnv2.engine import build_model, evaluate, train
-    from dcnv2.engine.recipes import SyntheticRecipe
+    from dcnv2.experiments.recipes import SyntheticRecipe
     from dcnv2.engine.train import ResumableBatchSampler
     from dcnv2.models.transfer import load_backbone_checkpoint
 
@@ -274,7 +274,7 @@ def _seg_plan(args, train_set, val_set) -> float:
     """Times a few training steps and evaluated images of each segmenter preset, logs each segmenter run's cost
     per seed and returns the cost of them all over all seeds (seconds)."""
     from dcnv2.engine import build_model
-    from dcnv2.engine.recipes import seconds_per_image_eval, seconds_per_iteration
+    from dcnv2.experiments.recipes import seconds_per_image_eval, seconds_per_iteration
 
     speed = {}
     for _, preset, _ in _seg_runs(args):
@@ -391,7 +391,7 @@ def main(argv=None) -> int:
     cls_data = out / "cls_data"
     difficulty = {}
     if args.demo_difficulty:
-        from dcnv2.engine.demo import DEMO_DATA
+        from dcnv2.experiments.demo import DEMO_DATA
 
         difficulty = {k: (list(v) if isinstance(v, tuple) else v) for k, v in DEMO_DATA.items()}
     params = {"seed": args.data_seed, "num_train": args.cls_num_train, "num_val": args.cls_num_val,
@@ -405,7 +405,7 @@ def main(argv=None) -> int:
     det_train = det_val = seg_train = seg_val = None
     if {"det", "seg"} & set(args.tasks):
         from dcnv2.engine.datasets import load_dataset
-        from dcnv2.engine.demo import ensure_synthetic_data
+        from dcnv2.experiments.demo import ensure_synthetic_data
 
         det_dir = Path(args.det_data) if args.det_data else ensure_synthetic_data(
             out / "det_data", seed=args.data_seed, num_train=args.det_num_train, num_val=args.det_num_val,
@@ -427,7 +427,7 @@ def main(argv=None) -> int:
         _log(f"  classifier {preset:>8}: {cls_iters} iterations x {s:.2f} s = {_fmt_s(s * cls_iters)} per seed")
     if "det" in args.tasks:
         from dcnv2.engine import build_model
-        from dcnv2.engine.recipes import SyntheticRecipe, seconds_per_image_eval, seconds_per_iteration
+        from dcnv2.experiments.recipes import SyntheticRecipe, seconds_per_image_eval, seconds_per_iteration
 
         recipe = SyntheticRecipe(image_size=args.det_image_size, backbone=args.backbone)
         speed = {}

@@ -158,7 +158,7 @@ def test_demo_difficulty_classes_scales_and_valid_coco(tmp_path, capsys):
     given order, sizes inside the range, the set still passes every COCO check of the loader."""
     from dcnv2.cli import main
     from dcnv2.data import load_split
-    from dcnv2.engine.demo import DEMO_DATA
+    from dcnv2.experiments.demo import DEMO_DATA
 
     out = tmp_path / "demo"
     assert main(["data", "synth", "--out", str(out), "--num-train", "60", "--num-val", "4", "--image-size", "96",

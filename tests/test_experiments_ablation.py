@@ -5,7 +5,7 @@ import json
 
 import torch
 
-from dcnv2.engine.ablation import format_seed_table, run_name, run_pretrained_ablation
+from dcnv2.experiments.ablation import format_seed_table, run_name, run_pretrained_ablation
 
 
 def test_pretrained_recipe_runs_writes_table_and_reuses_finished_runs(tmp_path):

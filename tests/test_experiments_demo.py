@@ -33,7 +33,7 @@ def test_demo_with_fixed_iterations_writes_every_output(tmp_path, capsys):
     assert "top-1" in table                          # the pre-training column
     assert "demo finished in" in printed and "detections.png" in printed and "ahead of" in printed or "behind" in printed
     # the demo's difficulty: 6 classes, objects no larger than 70 % of the side (+ the warp's reach)
-    from dcnv2.engine.demo import DEMO_DATA
+    from dcnv2.experiments.demo import DEMO_DATA
 
     cats = _read_categories(out / "data")
     assert [c["name"] for c in cats] == list(DEMO_DATA["classes"])
@@ -59,7 +59,7 @@ def test_demo_on_a_time_budget_reports_planned_and_ran(tmp_path, capsys):
 
 
 def test_demo_data_reused_only_for_the_same_difficulty(tmp_path):
-    from dcnv2.engine.demo import DEMO_DATA, ensure_synthetic_data
+    from dcnv2.experiments.demo import DEMO_DATA, ensure_synthetic_data
 
     logs = []
     d = ensure_synthetic_data(tmp_path / "d", seed=0, num_train=2, num_val=1, image_size=32, log=logs.append,
@@ -73,8 +73,8 @@ def test_demo_data_reused_only_for_the_same_difficulty(tmp_path):
 def test_object_crops_and_pretrained_trunk_loads_into_the_detector(tmp_path):
     from dcnv2.data import synthetic
     from dcnv2.engine.datasets import load_dataset
-    from dcnv2.engine.pretrain import ObjectCrops, pretrain_backbone
-    from dcnv2.engine.recipes import SyntheticRecipe
+    from dcnv2.experiments.pretrain import ObjectCrops, pretrain_backbone
+    from dcnv2.experiments.recipes import SyntheticRecipe
     from dcnv2.engine import build_model
     from dcnv2.models.transfer import load_backbone_checkpoint
 
@@ -111,7 +111,7 @@ def test_object_crops_and_pretrained_trunk_loads_into_the_detector(tmp_path):
 def test_object_crops_reject_bad_arguments(tmp_path):
     from dcnv2.data import synthetic
     from dcnv2.engine.datasets import load_dataset
-    from dcnv2.engine.pretrain import ObjectCrops
+    from dcnv2.experiments.pretrain import ObjectCrops
 
     synthetic.generate(tmp_path / "d", seed=1, num_train=2, num_val=0, image_size=32)
     ds = load_dataset(tmp_path / "d", "train", train=False, with_masks=False)

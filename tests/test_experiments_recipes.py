@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from engine_support import TinyShapes, params_vector, tiny_detector
-from dcnv2.engine.recipes import SyntheticRecipe, plan_iterations, seconds_per_image_eval, seconds_per_iteration
+from dcnv2.experiments.recipes import SyntheticRecipe, plan_iterations, seconds_per_image_eval, seconds_per_iteration
 
 
 def test_plan_iterations_fits_budget():
@@ -37,7 +37,8 @@ def test_recipe_schedule_scales_with_iterations():
 def test_detection_grid_draws_each_images_confident_detections(tmp_path, monkeypatch):
     """Each model panel gets the image's highest-scoring detections (at most its object count + 2) and draws
     those scoring at least the threshold: 0.5 by default (the demo's models are trained), lower when asked."""
-    from dcnv2.engine import demo, plots
+    from dcnv2.engine import plots
+    from dcnv2.experiments import demo
 
     val = TinyShapes(n=2, flip=False)
     all_scores = [0.9, 0.02, 0.6, 0.1, 0.45, 0.3, 0.7]

@@ -83,7 +83,7 @@ def run_synth(args) -> int:
                   min_scale=args.min_scale, max_scale=args.max_scale, clutter_lines=tuple(args.clutter_lines),
                   occluding_strokes=tuple(args.occluding_strokes))
     if args.demo_difficulty:
-        from dcnv2.engine.demo import DEMO_DATA
+        from dcnv2.experiments.demo import DEMO_DATA
 
         config.update(DEMO_DATA)
     t0 = time.perf_counter()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from dcnv2.engine.demo import DEMO_ITERS, DEMO_PRETRAIN_ITERS
+from dcnv2.experiments.demo import DEMO_ITERS, DEMO_PRETRAIN_ITERS
 
 DEFAULT_PRESETS = ("regular", "mdconv-c3c5-mdpool")
 
@@ -57,6 +57,6 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from dcnv2.engine.demo import run_demo
+    from dcnv2.experiments.demo import run_demo
 
     return run_demo(args)

@@ -1,9 +1,12 @@
-"""Training, evaluation and prediction for the dcnv2 detectors.
-
-- :func:`train` — SGD with warm-up and step decay, AMP, gradient clipping, atomic checkpoints, exact resume,
-  NaN guard, data-parallel under ``torchrun`` (:mod:`dcnv2.engine.distributed`).
-- :func:`evaluate` — single/multi-scale inference and pycocotools COCOeval (:mod:`dcnv2.engine.evaluate`).
-- :func:`load_model` / :func:`predict_images` — rebuild a detector from its checkpoint and draw detections.
+"""The training engine: the loop that ``dcnv2 train`` / ``train-cls`` run and its machinery, and the evaluation
+of each task. It owns :func:`train` (SGD with warm-up and step or cosine decay, AMP, clipping, NaN guard,
+exact resume, data-parallel under ``torchrun``: ``train``, ``checkpoint``, ``distributed``, ``timekeeping``,
+``tensorboard``, ``config``, ``finetune``), the data sets the CLI reads (``datasets``), evaluation (COCO AP
+``evaluate``, VOC AP ``voc_eval``, top-1 ``classification``, mIoU ``segmentation``), prediction from a
+checkpoint (``predict``: :func:`load_model`, :func:`predict_images`) and its figures (``plots``). It uses
+models, data, nn and ops; the experiments built on it (demo, comparisons, recipes, crop pre-training,
+ablations) live a floor up in :mod:`dcnv2.experiments`. ``ModelSpec`` / ``build_model`` live in
+:mod:`dcnv2.models.spec` and are re-exported here.
 """
 from dcnv2.engine.checkpoint import load_checkpoint, save_checkpoint
 from dcnv2.engine.config import ModelSpec, TrainConfig, build_model

@@ -1,7 +1,7 @@
 """The paper's ablations (Tables 1 and 3) on the demo's pre-trained recipe, one resumable run per preset and seed.
 
 Each run is what ``dcnv2 demo`` does for one model: the demo's data set and difficulty, the preset's trunk
-crop-pre-trained (:mod:`dcnv2.engine.pretrain`, offsets included), then its detector trained on a fixed
+crop-pre-trained (:mod:`dcnv2.experiments.pretrain`, offsets included), then its detector trained on a fixed
 schedule (no time budget) and COCO-evaluated. A row is therefore a function of its seed (and of torch's
 thread count, recorded with it). Every finished run leaves ``OUT/runs/seed<S>/<run name>/result.json`` (its
 checkpoints and log under ``<run name>/<preset>/``), and a
@@ -68,10 +68,10 @@ def run_pretrained_ablation(presets: Sequence[str], seeds: Sequence[int], out, *
     ``train_s``, ``eval_s``, ``threads``, ``preset``, ``mimic``, ``run_dir``.
     """
     from dcnv2 import data
-    from dcnv2.engine.compare import compare_presets
+    from dcnv2.experiments.compare import compare_presets
     from dcnv2.engine.datasets import load_dataset
-    from dcnv2.engine.demo import DEMO_DATA, DEMO_ITERS, DEMO_PRETRAIN_ITERS, ensure_synthetic_data
-    from dcnv2.engine.recipes import SyntheticRecipe
+    from dcnv2.experiments.demo import DEMO_DATA, DEMO_ITERS, DEMO_PRETRAIN_ITERS, ensure_synthetic_data
+    from dcnv2.experiments.recipes import SyntheticRecipe
     from dcnv2.models import get_preset
 
     for preset in presets:

@@ -13,8 +13,8 @@ import torch
 
 from dcnv2.engine.config import build_model
 from dcnv2.engine.evaluate import evaluate
-from dcnv2.engine.pretrain import ObjectCrops, pretrain_backbone, seconds_per_crop_iteration
-from dcnv2.engine.recipes import SyntheticRecipe, plan_iterations, seconds_per_image_eval, seconds_per_iteration
+from dcnv2.experiments.pretrain import ObjectCrops, pretrain_backbone, seconds_per_crop_iteration
+from dcnv2.experiments.recipes import SyntheticRecipe, plan_iterations, seconds_per_image_eval, seconds_per_iteration
 from dcnv2.engine.train import ResumableBatchSampler, train
 from dcnv2.models.flops import count_parameters
 from dcnv2.models.transfer import load_backbone_checkpoint

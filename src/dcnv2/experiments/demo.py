@@ -136,11 +136,11 @@ def run_demo(args) -> int:
     else:
         torch.set_num_threads(os.cpu_count() or 1)
     from dcnv2 import data
-    from dcnv2.engine.compare import compare_presets
+    from dcnv2.experiments.compare import compare_presets
     from dcnv2.engine.datasets import load_dataset
     from dcnv2.engine.evaluate import format_ap_table
     from dcnv2.engine.plots import plot_loss_curves
-    from dcnv2.engine.recipes import SyntheticRecipe
+    from dcnv2.experiments.recipes import SyntheticRecipe
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -38,7 +38,7 @@ class SyntheticRecipe:
     warmup_iters: int = 50
     lr_steps: Sequence[float] = (0.75,)      # fraction of the schedule at which the lr decays ×0.1
     clip_grad_norm: Optional[float] = 10.0   # from-scratch training: tame the first iterations' gradients
-    # backbone pre-training on object crops of the training set (dcnv2.engine.pretrain), offsets included,
+    # backbone pre-training on object crops of the training set (dcnv2.experiments.pretrain), offsets included,
     # before the detector trains: `pretrain_fraction` of each model's time when the run is time-budgeted,
     # `pretrain_iters` iterations when the detector's iterations are fixed; 0 = from scratch
     pretrain_fraction: float = 0.0
