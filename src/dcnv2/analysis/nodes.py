@@ -39,7 +39,7 @@ def load_analysis_model(checkpoint: Union[str, Path], device: Union[str, torch.d
 
     Raises:
         FileNotFoundError / ValueError: as :func:`dcnv2.engine.checkpoint.load_checkpoint`; ValueError when
-        the checkpoint has no ``model_spec``.
+            the checkpoint has no ``model_spec``.
     """
     from dcnv2.engine.predict import load_model
 

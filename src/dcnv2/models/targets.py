@@ -39,7 +39,8 @@ def validate_targets(images: Sequence[Tensor], targets: Any, num_classes: int, *
         masks: whether masks are required (Mask R-CNN).
 
     Raises:
-        TypeError / ValueError naming the image index, the field and the bad value.
+        TypeError: a field of the wrong type; ValueError: a bad value. Both name the image index, the field and
+            the bad value.
     """
     validate_images(images)
     if not isinstance(targets, (list, tuple)):
