@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.dcnv2-installed
 SOURCES := pyproject.toml setup.py $(shell find src/dcnv2/ops/csrc -name '*.cpp' 2>/dev/null)
 
-.PHONY: install test test-all demo bench clean
+.PHONY: install test test-all demo bench docs clean
 
 install: $(STAMP)
 
@@ -13,7 +13,7 @@ $(STAMP): $(SOURCES)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check torch==2.14.1 torchvision==0.29.1
 	$(PY) -m pip install -q --disable-pip-version-check setuptools wheel ninja
-	$(PY) -m pip install -q --disable-pip-version-check --no-build-isolation -e '.[test]'
+	$(PY) -m pip install -q --disable-pip-version-check --no-build-isolation -e '.[test,docs]'
 	touch $(STAMP)
 
 test: $(STAMP)
@@ -24,6 +24,10 @@ test-all: $(STAMP)
 
 demo: $(STAMP)
 	$(PY) -m dcnv2.cli demo
+
+# the documentation site (mkdocs.yml): docs/ and the API pages, warnings as errors, into build/site
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict
 
 bench: $(STAMP)
 	$(PY) benchmarks/deform_conv.py
