@@ -38,7 +38,8 @@ def test_docs_build_strict(tmp_path):
     for module, member in (("ops", "dcnv2.ops.deform_conv2d"), ("nn", "dcnv2.nn.ModulatedDeformConv2d"),
                            ("models", "dcnv2.models.detection.faster_rcnn"), ("engine", "dcnv2.engine.train.train"),
                            ("analysis", "dcnv2.analysis.saliency_region"), ("export", "dcnv2.export.export_onnx"),
-                           ("zoo", "dcnv2.zoo.convert_checkpoint")):
+                           ("zoo", "dcnv2.zoo.convert_checkpoint"),
+                           ("experiments", "dcnv2.experiments.ablation.run_pretrained_ablation")):
         html = (site / "api" / module / "index.html").read_text()
         assert f'id="{member}"' in html, (module, member)
         assert ":::" not in html, module
