@@ -151,6 +151,14 @@ def test_mmdet_missing_and_extra_keys_are_named():
         _convert(sd, "mmdet")
 
 
+def test_mmdet_dpool_loads_into_mmcvs_three_fc_layout():
+    conversion = _convert(mmdet_state_dict(dcn="v1", box_pool="dpool", classes=2), "mmdet")
+    assert conversion.spec.preset == "dconv-c3c5-dpool" and conversion.spec.kwargs["roi_pool_layout"] == "mmdet"
+    offset_fc = [k for k in conversion.state_dict if k.startswith("roi_heads.box_roi_pool.roi_layers.3.offset_fc.")]
+    assert len(offset_fc) == 6 and "roi_heads.box_roi_pool.roi_layers.3.offset_fc.4.weight" in offset_fc
+
+
+@pytest.mark.slow  # an R-101 model (~45 M weights) built twice
 def test_mmdet_dconv_r101_dpool_faster():
     conversion = _convert(mmdet_state_dict(depth=101, dcn="v1", box_pool="dpool", classes=3), "mmdet")
     assert conversion.spec.backbone == "resnet101" and conversion.spec.arch == "faster_rcnn"
@@ -304,6 +312,7 @@ def test_new_class_count_gives_fresh_predictors():
 
 
 # -- the command line: convert, then predict / export with the converted checkpoint ---------------------------
+@pytest.mark.slow  # exports and runs a 170 MB R-50-FPN ONNX model (~30 s)
 def test_convert_cli_then_export_onnx_and_run_in_onnxruntime(tmp_path):
     pytest.importorskip("onnxruntime")
     sd = mmdet_state_dict(dcn="v2", classes=3)  # mmdetection's faster_rcnn_r50_fpn_mdconv_c3-c5 layout
@@ -332,6 +341,17 @@ def test_convert_cli_then_export_onnx_and_run_in_onnxruntime(tmp_path):
     assert r.returncode == 2 and "not a detectron2" in r.stderr and "Traceback" not in r.stderr
 
 
+def test_convert_cli_names_a_wrong_source_without_a_traceback(tmp_path, capsys):
+    from dcnv2.cli import main
+
+    src = tmp_path / "mmdet.pth"
+    torch.save({"state_dict": {"backbone.conv1.weight": torch.zeros(64, 3, 7, 7)}}, src)
+    assert main(["convert", str(src), "--from", "detectron2", "--out", str(tmp_path / "o.pth")]) == 2
+    err = capsys.readouterr().err
+    assert "not a detectron2" in err and "Traceback" not in err
+    assert not (tmp_path / "o.pth").exists()
+
+
 def test_convert_checkpoint_reads_files_and_names_the_format(tmp_path):
     path = tmp_path / "x.pth"
     torch.save({"state_dict": {"foo.weight": torch.zeros(1)}}, path)
@@ -341,6 +361,7 @@ def test_convert_checkpoint_reads_files_and_names_the_format(tmp_path):
         convert_checkpoint(path, "timm")
 
 
+@pytest.mark.slow  # an R-50-FPN detector through five commands (~15 s)
 def test_converted_checkpoint_fine_tunes_evaluates_predicts_and_analyzes(tmp_path):
     """`dcnv2 convert` (detectron2 DCNv1 model) -> `train --init` on another data set (fresh predictors) ->
     `eval` / `predict` / `analyze figure` with the converted checkpoint."""

@@ -79,7 +79,7 @@ def read_peer_checkpoint(path: Union[str, os.PathLike]) -> PeerCheckpoint:
         else:
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # truncated files, foreign pickles, refused classes
-        if "Weights only load failed" in str(exc):
+        if "Unsupported global" in str(exc):  # a class the weights-only unpickler does not admit
             raise ValueError(
                 f"checkpoint {str(path)!r} holds Python objects besides its weights (e.g. mmengine's message hub "
                 "or a training config), which dcnv2 does not unpickle: a pickle can run code. Where you trust "
