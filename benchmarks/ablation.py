@@ -64,11 +64,7 @@ def main(argv=None) -> int:
     import torch
 
     torch.set_num_threads(args.threads or os.cpu_count() or 1)
-    from dcnv2 import data
-    from dcnv2.experiments.compare import compare_presets
-    from dcnv2.engine.datasets import load_dataset
-    from dcnv2.experiments.demo import ensure_synthetic_data
-    from dcnv2.experiments.recipes import SyntheticRecipe
+    from dcnv2.experiments.ablation_tables import run_scratch_ablation
     from dcnv2.models.presets import PRESETS
 
     presets = args.presets or list(PRESETS)
@@ -76,49 +72,11 @@ def main(argv=None) -> int:
     if unknown:
         p.error(f"unknown presets {unknown}; known: {list(PRESETS)}")
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    data_dir = Path(args.data) if args.data else ensure_synthetic_data(
-        out / "data", seed=args.seed, num_train=args.num_train, num_val=args.num_val, image_size=args.image_size)
-    recipe = SyntheticRecipe(image_size=args.image_size)
-    train_set = load_dataset(data_dir, "train", train=True, with_masks=False)
-    val_set = load_dataset(data_dir, "val", train=False, with_masks=False)
-    seeds = args.seeds or [args.seed]
-    per_seed = {}
-    for i, seed in enumerate(seeds):
-        budget = (args.minutes * 60 - (time.perf_counter() - t_start)) / (len(seeds) - i)
-        runs = out / "runs" if args.seeds is None else out / "runs" / f"seed{seed}"
-        per_seed[seed] = compare_presets(presets, train_set, val_set, runs, recipe=recipe, budget_s=budget,
-                                         iters=args.iters, seed=seed, progress=not args.no_progress,
-                                         log=lambda s: print(s, file=sys.stderr), collate_fn=data.collate_fn)
-        if args.iters is None:  # every seed gets the first seed's schedule
-            args.iters = next(iter(per_seed[seed].values()))["iterations"]
-    results = per_seed[seeds[0]]
-    iters = next(iter(results.values()))["iterations"]
-    lines = [
-        f"Synthetic set ({len(train_set)} train / {len(val_set)} val images, {args.image_size} px), "
-        f"{recipe.backbone}{'-FPN' if recipe.fpn else ''} Faster R-CNN from scratch, {iters} iterations x batch "
-        f"{recipe.batch_size} per preset, {torch.get_num_threads()} CPU threads; COCO bbox AP (%).",
-        "",
-        "| preset | AP | AP50 | AP75 | APs | APm | APl | params | s / iter |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
-    ]
-    for name, r in results.items():
-        m = r["metrics"]["bbox"]
-        cells = ["–" if m[k] < 0 else f"{100 * m[k]:.1f}" for k in ("AP", "AP50", "AP75", "APs", "APm", "APl")]
-        lines.append(f"| {name} | " + " | ".join(cells) + f" | {r['params'] / 1e6:.2f} M | {r['sec_per_iter']:.2f} |")
-    if len(seeds) > 1:
-        lines += ["", f"Over training seeds {', '.join(map(str, seeds))} (mean ± half the range):", "",
-                  "| preset | " + " | ".join(f"AP50 seed {s}" for s in seeds) + " | AP50 | AP |",
-                  "|---|" + "---:|" * (len(seeds) + 2)]
-        for name in presets:
-            ap50 = [100 * per_seed[s][name]["metrics"]["bbox"]["AP50"] for s in seeds]
-            ap = [100 * per_seed[s][name]["metrics"]["bbox"]["AP"] for s in seeds]
-            lines.append(f"| {name} | " + " | ".join(f"{v:.1f}" for v in ap50) + f" | {_spread(ap50)} | {_spread(ap)} |")
-    table = "\n".join(lines)
-    print(table)
-    (out / "ablation.md").write_text(table + "\n")
-    print(f"\nwritten to {out / 'ablation.md'} ({(time.perf_counter() - t_start) / 60:.1f} min)", file=sys.stderr)
-    return 0
+    table = run_scratch_ablation(presets, out, minutes=args.minutes, iters=args.iters, data=args.data, seed=args.seed,
+                                 seeds=args.seeds, num_train=args.num_train, num_val=args.num_val,
+                                 image_size=args.image_size, progress=not args.no_progress,
+                                 log=lambda s: print(s, file=sys.stderr), t_start=t_start)
+    return _write(table, out, t_start)
 
 
 def _parse_mimic(p, items):
@@ -143,7 +101,8 @@ def _pretrained(p, args) -> int:
     import torch
 
     torch.set_num_threads(args.threads or os.cpu_count() or 1)
-    from dcnv2.experiments.ablation import format_seed_table, run_name, run_pretrained_ablation
+    from dcnv2.experiments.ablation import run_pretrained_ablation
+    from dcnv2.experiments.ablation_tables import pretrained_table
     from dcnv2.models.mimic import MimicConfig
 
     mimic = _parse_mimic(p, args.mimic)
@@ -161,25 +120,19 @@ def _pretrained(p, args) -> int:
                                           train_missing=not args.report)
     except ValueError as exc:
         p.error(str(exc))
-    finished = [r for runs in results.values() for r in runs.values()]
-    if not finished:
+    table = pretrained_table(results, presets, mimic, num_train=args.num_train, num_val=args.num_val,
+                             image_size=args.image_size)
+    if table is None:
         print(f"no finished runs under {out}/runs yet", file=sys.stderr)
         return 1
-    first = finished[0]
-    head = (f"Demo recipe: synthetic set (demo difficulty, {args.num_train} train / {args.num_val} val, "
-            f"{args.image_size} px), ResNet-18-FPN trunk crop-pre-trained for {first['pretrain_iters']} iterations, "
-            f"then {first['iters']} detector iterations x batch 8, {first['threads']} CPU thread(s); COCO bbox AP (%), "
-            "mean ± half the range over seeds.")
-    table = head + "\n\n" + format_seed_table(results, [run_name(x, mimic or None) for x in presets])
+    return _write(table, out, t_start)
+
+
+def _write(table: str, out: Path, t_start: float) -> int:
     print(table)
     (out / "ablation.md").write_text(table + "\n")
     print(f"\nwritten to {out / 'ablation.md'} ({(time.perf_counter() - t_start) / 60:.1f} min)", file=sys.stderr)
     return 0
-
-
-def _spread(values) -> str:
-    mean = sum(values) / len(values)
-    return f"{mean:.1f} ± {(max(values) - min(values)) / 2:.1f}"
 
 
 if __name__ == "__main__":
