@@ -230,10 +230,9 @@ def draw_figure(results: Dict[str, List[NodeAnalysis]], images: Dict[str, Prepar
         results: model name -> its analyses (the same nodes for every model, in the same order).
         images: model name -> the prepared image the analyses ran on.
     """
-    import matplotlib
+    from dcnv2.engine.plots import pyplot, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     names = list(results)
     if not names or not all(results[n] for n in names):
@@ -252,12 +251,7 @@ def draw_figure(results: Dict[str, List[NodeAnalysis]], images: Dict[str, Prepar
         axes[r, 0].set_ylabel(label, fontsize=8)
     if title:
         fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=dpi)
-    plt.close(fig)
-    return out
+    return save_figure(fig, out, dpi=dpi)
 
 
 def figure_for_models(models: Dict[str, nn.Module], image: Tensor, out: Union[str, Path], *,

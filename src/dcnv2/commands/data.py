@@ -122,14 +122,12 @@ def run_synth_cls(args) -> int:
 
 def write_preview(data_dir: Path, split: str, out: Path, count: int = 12) -> Path:
     """A grid of the first images of a split with their masks and boxes drawn."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import torch
 
     from dcnv2.data import load_split
-    from dcnv2.engine.plots import draw_detections
+    from dcnv2.engine.plots import draw_detections, pyplot, save_figure
+
+    plt = pyplot()
 
     dataset = load_split(data_dir, split)
     count = min(count, len(dataset))
@@ -144,10 +142,7 @@ def write_preview(data_dir: Path, split: str, out: Path, count: int = 12) -> Pat
                  "masks": target["masks"][:, None].float()}
         draw_detections(axes.flat[i], image, shown, class_name=lambda lab: dataset.class_names[lab - 1],
                         score_threshold=0.0)
-    fig.tight_layout()
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
-    return out
+    return save_figure(fig, out, dpi=100)
 
 
 def run_check(args) -> int:

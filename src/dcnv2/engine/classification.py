@@ -173,9 +173,9 @@ def classification_metrics(logits: Tensor, labels: Tensor, class_names: Optional
 def plot_confusion_matrix(cm: Union[Tensor, Sequence[Sequence[int]]], class_names: Sequence[str],
                           out: Union[str, Path], *, title: str = "") -> Path:
     """Row-normalised confusion matrix (true class per row) with the counts written in the cells."""
-    from dcnv2.engine.plots import _pyplot
+    from dcnv2.engine.plots import pyplot, save_figure
 
-    plt = _pyplot()
+    plt = pyplot()
     cm = torch.as_tensor(cm, dtype=torch.float64)
     k = cm.shape[0]
     rows = cm / cm.sum(1, keepdim=True).clamp(min=1)
@@ -194,12 +194,7 @@ def plot_confusion_matrix(cm: Union[Tensor, Sequence[Sequence[int]]], class_name
                     ax.text(p, t, str(int(cm[t, p])), ha="center", va="center", fontsize=7,
                             color="white" if rows[t, p] > 0.5 else "black")
     ax.set_title(title or "confusion matrix")
-    fig.tight_layout()
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return save_figure(fig, out)
 
 
 def format_metrics(metrics: Mapping[str, Any], name: str = "") -> str:

@@ -8,16 +8,29 @@ from typing import Callable, Dict, List, Mapping, Optional, Sequence, Union
 import numpy as np
 import torch
 
-__all__ = ["read_log", "moving_average", "plot_loss_curves", "draw_detections", "save_detections"]
+__all__ = ["read_log", "moving_average", "plot_loss_curves", "draw_detections", "save_detections", "pyplot",
+           "save_figure"]
 
 
-def _pyplot():
+def pyplot():
+    """matplotlib.pyplot on the non-interactive Agg backend (no display needed)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def save_figure(fig, out: Union[str, Path], *, dpi: int = 110, tight: bool = True) -> Path:
+    """Lays ``fig`` out (``tight``), writes it to ``out`` (creating its folder) and closes it; returns the path."""
+    if tight:
+        fig.tight_layout()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=dpi)
+    pyplot().close(fig)
+    return out
 
 
 def read_log(path: Union[str, Path]) -> List[dict]:
@@ -54,7 +67,7 @@ def plot_loss_curves(runs: Mapping[str, Union[str, Path]], out: Union[str, Path]
         out: PNG to write.
         smooth: moving-average window in log records; default about 1/15 of the longest log; 1 = raw only.
     """
-    plt = _pyplot()
+    plt = pyplot()
     logs = {name: read_log(p) for name, p in runs.items()}
     keys = sorted({k for recs in logs.values() for r in recs for k in r if k.startswith("loss_")}) if components else []
     n = 1 + len(keys)
@@ -82,12 +95,7 @@ def plot_loss_curves(runs: Mapping[str, Union[str, Path]], out: Union[str, Path]
     for ax in list(axes.flat)[n:]:
         ax.axis("off")
     axes.flat[0].legend(fontsize=8)
-    fig.tight_layout()
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return save_figure(fig, out)
 
 
 _COLORS = np.array([[230, 25, 75], [60, 180, 75], [255, 225, 25], [0, 130, 200], [245, 130, 48],
@@ -134,14 +142,11 @@ def draw_detections(ax, image: torch.Tensor, prediction: Mapping[str, torch.Tens
 
 def save_detections(image: torch.Tensor, prediction: Mapping[str, torch.Tensor], out: Union[str, Path], **kwargs) -> int:
     """Draws one image's detections (see :func:`draw_detections`) into a PNG at ``out``; returns the count."""
-    plt = _pyplot()
+    plt = pyplot()
     h, w = image.shape[-2:]
     scale = max(1.0, 384 / max(h, w))  # small images are upscaled so labels stay legible
     fig = plt.figure(figsize=(w * scale / 100, h * scale / 100), dpi=100)
     ax = fig.add_axes([0, 0, 1, 1])
     n = draw_detections(ax, image, prediction, **kwargs)
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
+    save_figure(fig, out, dpi=100, tight=False)
     return n

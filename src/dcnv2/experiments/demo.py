@@ -57,13 +57,11 @@ def plot_detection_grid(results: Dict[str, Dict[str, Any]], val_set, out: Path, 
                         score_threshold: float = 0.5) -> Path:
     """One row per validation image: ground truth, then each model's detections scoring at least
     ``score_threshold`` (at most the image's object count + 2, the highest first)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import torch
 
-    from dcnv2.engine.plots import draw_detections
+    from dcnv2.engine.plots import draw_detections, pyplot, save_figure
+
+    plt = pyplot()
 
     names = list(results)
     rows = min(examples, min(len(r["predictions"]) for r in results.values()))
@@ -85,11 +83,7 @@ def plot_detection_grid(results: Dict[str, Dict[str, Any]], val_set, out: Path, 
             pred = _top_detections(pred, len(target["labels"]) + 2)
             draw_detections(axes[r, c], img, pred, class_name=class_name, score_threshold=score_threshold,
                             title=f"{name} (score >= {score_threshold:g})" if r == 0 else None)
-    fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
-    return out
+    return save_figure(fig, out, dpi=100)
 
 
 def _summary(results: Dict[str, Dict[str, Any]], out: Path, files: Dict[str, Path]) -> str:
