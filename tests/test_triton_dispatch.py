@@ -5,26 +5,9 @@ The cases live in tests/triton_cases_dispatch.py and run in one subprocess with 
 """
 from __future__ import annotations
 
-import pytest
-
 import triton_support
 
-MODULE = "triton_cases_dispatch"
-
-if triton_support.missing_triton():
-    pytest.skip(triton_support.missing_triton(), allow_module_level=True)
-
-
-@pytest.fixture(scope="module")
-def verdicts():
-    return triton_support.run_cases(MODULE)
-
-
-@pytest.mark.parametrize("case", triton_support.case_names(MODULE))
-def test_case(verdicts, case):
-    assert case in verdicts, f"{case} did not run"
-    if verdicts[case] is not None:
-        pytest.fail(verdicts[case], pytrace=False)
+verdicts, test_case = triton_support.case_tests("triton_cases_dispatch")
 
 
 def test_without_triton_cuda_falls_back_with_a_message_and_these_tests_skip(monkeypatch):

@@ -48,6 +48,29 @@ def run_cases(module: str, timeout: float = 600) -> dict:
                        f"{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
 
 
+def case_tests(module: str):
+    """The fixture and the test of a ``tests/test_triton_*.py`` module over the cases of ``tests/<module>.py``:
+    ``verdicts, test_case = triton_support.case_tests(MODULE)`` at module level, which skips the whole module
+    when Triton is missing. All cases run in one subprocess (the module-scoped ``verdicts``); each case is one
+    test, failing with the case's error."""
+    import pytest
+
+    if missing_triton():
+        pytest.skip(missing_triton(), allow_module_level=True)
+
+    @pytest.fixture(scope="module")
+    def verdicts():
+        return run_cases(module)
+
+    @pytest.mark.parametrize("case", case_names(module))
+    def test_case(verdicts, case):
+        assert case in verdicts, f"{case} did not run"
+        if verdicts[case] is not None:
+            pytest.fail(verdicts[case], pytrace=False)
+
+    return verdicts, test_case
+
+
 def _main(module: str) -> None:
     assert os.environ.get("TRITON_INTERPRET") == "1", "run through run_cases (TRITON_INTERPRET=1)"
     sys.path.insert(0, str(HERE))
