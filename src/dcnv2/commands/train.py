@@ -5,6 +5,9 @@ from __future__ import annotations
 import argparse
 import json
 
+from dcnv2.commands.train_options import (add_optimizer_options, add_output_options, add_run_options,
+                                          train_config_kwargs)
+
 
 def _kv(text: str):
     key, sep, value = text.partition("=")
@@ -84,26 +87,12 @@ def add_parser(sub) -> None:
     g.add_argument("--gamma", type=float, default=0.1)
     g.add_argument("--warmup-iters", type=int, default=500)
     g.add_argument("--warmup-factor", type=float, default=1 / 3)
-    g.add_argument("--optimizer", choices=["sgd", "adamw"], default="sgd",
-                   help="SGD is the paper's; AdamW (lr ~1e-3) learns faster in short from-scratch runs")
-    g.add_argument("--momentum", type=float, default=0.9, help="SGD momentum / AdamW beta1")
-    g.add_argument("--weight-decay", type=float, default=1e-4)
-    g.add_argument("--offset-lr-mult", type=float, default=0.1, help="lr factor of offset/modulation branches")
-    g.add_argument("--amp", action="store_true", help="mixed precision (bfloat16 on CPU, float16 on CUDA)")
-    g.add_argument("--clip-grad-norm", type=float, default=None)
-    g.add_argument("--seed", type=int, default=0)
+    add_optimizer_options(g, optimizer_help="SGD is the paper's; AdamW (lr ~1e-3) learns faster in short "
+                                            "from-scratch runs")
     g = p.add_argument_group("run")
-    g.add_argument("--out", required=True, help="run directory (log.jsonl, checkpoints, loss.png)")
-    g.add_argument("--resume", nargs="?", const=True, default=None, metavar="CHECKPOINT",
-                   help="continue from OUT/checkpoint_last.pth (or the given checkpoint)")
-    g.add_argument("--checkpoint-every", type=int, default=1000, help="iterations")
-    g.add_argument("--log-every", type=int, default=20, help="iterations")
-    g.add_argument("--device", default=None, help="default: cuda:LOCAL_RANK if available, else cpu")
+    add_run_options(g, out_help="run directory (log.jsonl, checkpoints, loss.png)", checkpoint_every=1000)
     g.add_argument("--find-unused-parameters", action="store_true", help="DDP option")
-    g.add_argument("--no-progress", action="store_true")
-    g.add_argument("--tensorboard", action=argparse.BooleanOptionalAction, default=True,
-                   help="also write every logged scalar, and the evaluation's AP and an image of its detections, "
-                        "to OUT/tb/ (needs tensorboard: pip install 'dcnv2[tb]'; `tensorboard --logdir OUT/tb`)")
+    add_output_options(g, evaluation="the evaluation's AP and an image of its detections")
     g.add_argument("--eval-split", default=None, help="evaluate the final model on this split (rank 0)")
     p.set_defaults(func=run)
 
@@ -150,14 +139,8 @@ def run(args) -> int:
     mimic = mimic_options(args)
     if mimic:
         spec.kwargs["mimic"] = {**spec.kwargs.get("mimic", {}), **mimic}
-    config = TrainConfig(
-        out=args.out, epochs=args.epochs, max_iters=args.max_iters, batch_size=args.batch_size, lr=args.lr,
-        optimizer=args.optimizer, momentum=args.momentum, weight_decay=args.weight_decay, offset_lr_mult=args.offset_lr_mult,
-        warmup_iters=args.warmup_iters, warmup_factor=args.warmup_factor, lr_steps=tuple(args.lr_steps),
-        gamma=args.gamma, amp=args.amp, clip_grad_norm=args.clip_grad_norm, checkpoint_every=args.checkpoint_every,
-        log_every=args.log_every, seed=args.seed, num_workers=args.workers, device=args.device,
-        progress=not args.no_progress, find_unused_parameters=args.find_unused_parameters,
-        tensorboard=args.tensorboard)
+    config = TrainConfig(**train_config_kwargs(args), lr=args.lr, warmup_iters=args.warmup_iters,
+                         find_unused_parameters=args.find_unused_parameters)
     torch.manual_seed(args.seed)  # identical initial weights on every rank (DDP broadcasts rank 0's anyway)
     model = build_model(spec)
     if init is not None and not args.resume:  # a resumed run takes every weight from its own checkpoint

@@ -9,6 +9,9 @@ from __future__ import annotations
 import argparse
 import os
 
+from dcnv2.commands.train_options import (add_optimizer_options, add_output_options, add_run_options,
+                                          train_config_kwargs)
+
 
 def add_parser(sub) -> None:
     p = sub.add_parser(
@@ -50,25 +53,11 @@ def add_parser(sub) -> None:
     g.add_argument("--warmup-epochs", type=float, default=1.0, help="linear warm-up length (epochs)")
     g.add_argument("--warmup-iters", type=int, default=None, help="warm-up length in iterations (overrides epochs)")
     g.add_argument("--warmup-factor", type=float, default=0.1, help="lr multiplier at the first iteration")
-    g.add_argument("--optimizer", choices=["sgd", "adamw"], default="sgd")
-    g.add_argument("--momentum", type=float, default=0.9)
-    g.add_argument("--weight-decay", type=float, default=1e-4)
-    g.add_argument("--offset-lr-mult", type=float, default=0.1, help="lr factor of offset/modulation branches")
-    g.add_argument("--amp", action="store_true", help="mixed precision (bfloat16 on CPU, float16 on CUDA)")
-    g.add_argument("--clip-grad-norm", type=float, default=None)
-    g.add_argument("--seed", type=int, default=0)
+    add_optimizer_options(g)
     g = p.add_argument_group("run")
-    g.add_argument("--out", required=True, help="run directory (log.jsonl, checkpoints, loss.png, eval_cls_VAL/)")
-    g.add_argument("--resume", nargs="?", const=True, default=None, metavar="CHECKPOINT",
-                   help="continue from OUT/checkpoint_last.pth (or the given checkpoint)")
-    g.add_argument("--checkpoint-every", type=int, default=500, help="iterations")
-    g.add_argument("--log-every", type=int, default=20, help="iterations")
-    g.add_argument("--device", default=None, help="default: cuda:LOCAL_RANK if available, else cpu")
+    add_run_options(g, out_help="run directory (log.jsonl, checkpoints, loss.png, eval_cls_VAL/)", checkpoint_every=500)
     g.add_argument("--no-eval", action="store_true", help="skip the final evaluation")
-    g.add_argument("--no-progress", action="store_true")
-    g.add_argument("--tensorboard", action=argparse.BooleanOptionalAction, default=True,
-                   help="also write every logged scalar, and the evaluation's top-1/top-5 and confusion matrix, "
-                        "to OUT/tb/ (needs tensorboard: pip install 'dcnv2[tb]'; `tensorboard --logdir OUT/tb`)")
+    add_output_options(g, evaluation="the evaluation's top-1/top-5 and confusion matrix")
     p.set_defaults(func=run_train)
 
     e = sub.add_parser(
@@ -124,14 +113,8 @@ def run_train(args) -> int:
         kwargs["offset_groups"] = args.offset_groups
     spec = ModelSpec(arch="classifier", preset=args.preset, backbone=args.backbone, num_classes=len(classes),
                      class_names=classes, min_size=args.image_size, max_size=args.image_size, kwargs=kwargs)
-    config = TrainConfig(
-        out=args.out, epochs=args.epochs, max_iters=args.max_iters, batch_size=args.batch_size, lr=lr,
-        optimizer=args.optimizer, momentum=args.momentum, weight_decay=args.weight_decay,
-        offset_lr_mult=args.offset_lr_mult, warmup_iters=warmup, warmup_factor=args.warmup_factor,
-        lr_steps=tuple(args.lr_steps), gamma=args.gamma, lr_schedule=args.lr_schedule,
-        min_lr_factor=args.min_lr_factor, amp=args.amp, clip_grad_norm=args.clip_grad_norm,
-        checkpoint_every=args.checkpoint_every, log_every=args.log_every, seed=args.seed, num_workers=args.workers,
-        device=args.device, progress=not args.no_progress, tensorboard=args.tensorboard)
+    config = TrainConfig(**train_config_kwargs(args), lr=lr, warmup_iters=warmup, lr_schedule=args.lr_schedule,
+                         min_lr_factor=args.min_lr_factor)
     torch.manual_seed(args.seed)  # identical initial weights on every rank
     # the weights are an initialisation, not part of the spec: rebuilding for eval must not load them again
     model = models.classifier(preset=args.preset, backbone=args.backbone, num_classes=len(classes),
