@@ -51,3 +51,15 @@ def test_every_page_is_in_the_nav():
     pages = sorted(p.relative_to(ROOT / "docs").as_posix() for p in (ROOT / "docs").rglob("*.md"))
     assert pages, "docs/ has no pages"
     assert [p for p in pages if p not in nav] == []
+
+
+def test_python_blocks_of_the_pages_compile():
+    import re
+
+    blocks = 0
+    for page in sorted((ROOT / "docs").rglob("*.md")):
+        for i, match in enumerate(re.finditer(r"^```(\w*)\n(.*?)^```", page.read_text(), re.S | re.M)):
+            if match.group(1) == "python":
+                compile(match.group(2), f"{page.relative_to(ROOT)} block {i}", "exec")
+                blocks += 1
+    assert blocks >= 5
