@@ -39,6 +39,7 @@ def test_losses_logged_and_final_model_loads_into_the_base_preset(tmp_path):
         assert torch.equal(params_vector(loaded), params_vector(base))
 
 
+@pytest.mark.slow  # 8 ResNet-18-FPN iterations; the plain exact-resume test stays in make test
 def test_resume_with_mimicking_matches_uninterrupted_run(tmp_path):
     # the RoIs mimicked are drawn from the global RNG: the checkpoint's RNG state must restore that draw too
     data = TinyShapes(n=4)
@@ -84,6 +85,7 @@ def test_nan_mimic_loss_stops_training(tmp_path):
     assert load_checkpoint(tmp_path / LAST_CHECKPOINT)["iteration"] == 2
 
 
+@pytest.mark.slow  # two torchrun processes with the mimicking branch: ~30 s on 2 busy cores
 def test_torchrun_two_processes_with_mimicking(tmp_path):
     out = tmp_path / "run"
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(

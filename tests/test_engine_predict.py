@@ -12,17 +12,24 @@ from dcnv2.engine import predict as predict_mod
 from dcnv2.engine.plots import plot_loss_curves, read_log, save_detections
 
 
-@pytest.fixture
-def trained(tmp_path, monkeypatch):
-    """A tiny Mask R-CNN trained a few steps with a ModelSpec; ``build_model`` rebuilds the tiny model."""
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    """A tiny Mask R-CNN trained a few steps with a ModelSpec, once for the module's tests."""
     data = TinyShapes(n=4, flip=False)
     spec = ModelSpec(arch="mask_rcnn", preset="tiny", backbone="tiny", num_classes=3, class_names=["square", "bar"],
                      label_to_category_id=data.label_to_category_id, min_size=48, max_size=48)
     model = tiny_detector(masks=True)
-    train(model, data, TrainConfig(out=str(tmp_path / "run"), max_iters=4, batch_size=2, warmup_iters=1, lr_steps=(),
+    run = tmp_path_factory.mktemp("predict") / "run"
+    train(model, data, TrainConfig(out=str(run), max_iters=4, batch_size=2, warmup_iters=1, lr_steps=(),
                                    num_workers=0, progress=False), model_spec=spec)
+    return run, model, data
+
+
+@pytest.fixture
+def trained(trained_run, monkeypatch):
+    """:func:`trained_run`, with ``build_model`` rebuilding the tiny model."""
     monkeypatch.setattr(predict_mod, "build_model", lambda s, inference=False: tiny_detector(masks=s.has_masks, seed=99))
-    return tmp_path / "run", model, data
+    return trained_run
 
 
 def _write_png(path, image):

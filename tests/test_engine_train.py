@@ -211,6 +211,7 @@ def _free_port():
         return s.getsockname()[1]
 
 
+@pytest.mark.slow  # two torchrun processes (gloo rendezvous, each importing torch): ~30 s on 2 busy cores
 def test_torchrun_two_processes_gloo(tmp_path):
     out = tmp_path / "run"
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(

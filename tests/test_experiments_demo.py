@@ -46,6 +46,7 @@ def test_demo_with_fixed_iterations_writes_every_output(tmp_path, capsys):
     assert max(per_image.values()) <= 3
 
 
+@pytest.mark.slow  # runs for its 1.5-minute budget by design
 def test_demo_on_a_time_budget_reports_planned_and_ran(tmp_path, capsys):
     out = tmp_path / "demo"
     assert main(["demo", "--out", str(out), "--minutes", "1.5", "--presets", "regular", "--fit-budget",
@@ -121,6 +122,7 @@ def test_object_crops_reject_bad_arguments(tmp_path):
         ObjectCrops(ds, context=float("nan"))
 
 
+@pytest.mark.slow  # two whole demo runs compared
 def test_demo_fixed_schedule_is_reproducible_for_a_seed(tmp_path):
     """The same seed, schedule and thread count give identical metrics and losses, run after run (across
     thread counts torch's reductions and GEMMs split differently: README "The demo" gives the difference)."""
