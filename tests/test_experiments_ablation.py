@@ -3,11 +3,13 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 
 from dcnv2.experiments.ablation import format_seed_table, run_name, run_pretrained_ablation
 
 
+@pytest.mark.slow  # crop pre-training and two detectors end to end, then the reuse run: ~20 s on 2 cores
 def test_pretrained_recipe_runs_writes_table_and_reuses_finished_runs(tmp_path):
     torch.set_num_threads(1)
     kw = dict(iters=2, pretrain_iters=1, num_train=12, num_val=4, image_size=64, progress=False)
