@@ -7,9 +7,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
+# the whole GPU check rehearsed on the CPU: a pytest run, the benchmark smoke test and four training /
+# torch.compile checks, each in its own process
+@pytest.mark.slow
 def test_gpu_check_dry_run_runs_every_step_and_writes_its_report(tmp_path):
     env = dict(os.environ, OUT=str(tmp_path), PYTHON=sys.executable)
     proc = subprocess.run(["bash", "scripts/gpu_check.sh", "--dry-run"], cwd=ROOT, env=env, capture_output=True,
