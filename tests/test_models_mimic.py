@@ -99,7 +99,7 @@ def test_region_sets_pick_the_right_rois_and_cap_the_count():
 def test_config_checks_and_overrides():
     assert MimicConfig().to_dict() == dict(regions="fg", rois_per_image=32, patch_size=224, mimic_weight=0.1,
                                            cls_weight=0.1, level=None, reduction="image", gradient="both",
-                                           roi_source="sampled")
+                                           roi_source="sampled", patch_bn="batch")
     cfg = MimicConfig.resolve("fg+bg", {"patch_size": 64})
     assert cfg.regions == "fg+bg" and cfg.patch_size == 64 and cfg.rois_per_image == 32
     assert not MimicConfig.resolve("none", None).enabled
@@ -329,3 +329,28 @@ def test_mimic_options_are_checked():
         MimicConfig(gradient="teacher")
     with pytest.raises(ValueError, match="roi_source"):
         MimicConfig(roi_source="gt")
+
+
+@pytest.mark.parametrize("patch_bn", ["batch", "running"])
+def test_patch_bn_decides_whether_patches_move_the_running_statistics(patch_bn):
+    """'running': the patch batch is normalised with the running statistics and leaves them as the image batch
+    alone would (the same step without the branch); 'batch': the patches move them too."""
+    def running_stats(model):
+        return torch.cat([m.running_mean for m in model.backbone.modules()
+                          if isinstance(m, torch.nn.BatchNorm2d)])
+
+    after = {}
+    for mimicking in (True, False):
+        model = build("dcnv2" if mimicking else "mdconv-c3c5-mdpool", mimic=dict(SMALL_MIMIC, patch_bn=patch_bn)
+                      if mimicking else None)
+        model.train()
+        torch.manual_seed(5)
+        model(*batch())
+        after[mimicking] = running_stats(model)
+    same = torch.allclose(after[True], after[False], atol=1e-6)
+    assert same is (patch_bn == "running")
+    model = build("dcnv2", mimic=dict(SMALL_MIMIC, patch_bn=patch_bn))
+    model.train()
+    model(*batch())["loss_mimic"].backward()  # gradients still reach the trunk through the frozen statistics
+    assert model.backbone.body.conv1.weight.grad.abs().sum() > 0
+    assert all(m.training for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d))

@@ -61,6 +61,11 @@ class MimicConfig:
         roi_source: the RoIs mimicked: ``"sampled"`` (the Fast R-CNN head's sampled RoIs, which torchvision
             draws from the proposals plus the ground-truth boxes) or ``"proposals"`` (the RPN's proposals alone,
             labelled by the head's matcher, as the paper's "positive proposals"; ignored IoUs left out).
+        patch_bn: how the shared backbone's BatchNorm treats the patch batch: ``"batch"`` (train mode: the
+            patches are normalised with their own statistics, which also move the running statistics the
+            detector uses at inference) or ``"running"`` (the patches are normalised with the running
+            statistics, which they leave alone: what a frozen-BN trunk, as in the paper's ImageNet-pretrained
+            ResNets, does). No effect on FrozenBatchNorm2d trunks.
     """
 
     regions: str = "fg"
@@ -72,8 +77,11 @@ class MimicConfig:
     reduction: str = "image"
     gradient: str = "both"
     roi_source: str = "sampled"
+    patch_bn: str = "batch"
 
     def __post_init__(self) -> None:
+        if self.patch_bn not in ("batch", "running"):
+            raise ValueError(f"MimicConfig.patch_bn must be 'batch' or 'running', got {self.patch_bn!r}")
         if self.reduction not in ("image", "roi"):
             raise ValueError(f"MimicConfig.reduction must be 'image' or 'roi', got {self.reduction!r}")
         if self.gradient not in MIMIC_GRADIENTS:
@@ -243,6 +251,21 @@ class MimicRoIHeads(RoIHeads):
 
 
 @contextlib.contextmanager
+def _batchnorm_running(module: nn.Module, enabled: bool):
+    """Temporarily puts ``module``'s BatchNorm layers in eval mode: normalise with the running statistics and
+    leave them unchanged (gradients still flow through the affine transform)."""
+    layers = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training] \
+        if enabled else []
+    for m in layers:
+        m.eval()
+    try:
+        yield
+    finally:
+        for m in layers:
+            m.train()
+
+
+@contextlib.contextmanager
 def _pool_from(pool: nn.Module, level: Optional[str]):
     """Temporarily restricts a multi-level RoI pooling to one named feature map."""
     if level is None:
@@ -314,7 +337,8 @@ class FeatureMimicking(nn.Module):
         batch_index = torch.cat([torch.full((len(b),), i, device=flat_boxes.device) for i, b in enumerate(boxes)])
         p = cfg.patch_size
         patches = crop_patches(images, flat_boxes.detach(), batch_index, p)
-        patch_features = detector.backbone(patches)
+        with _batchnorm_running(detector.backbone, cfg.patch_bn == "running"):
+            patch_features = detector.backbone(patches)
         if isinstance(patch_features, Tensor):
             patch_features = {"0": patch_features}
         whole = [flat_boxes.new_tensor([[0.0, 0.0, p, p]]) for _ in range(patches.shape[0])]
@@ -337,7 +361,8 @@ class FeatureMimicking(nn.Module):
         c = self.config
         return (f"regions={c.regions!r}, rois_per_image={c.rois_per_image}, patch_size={c.patch_size}, "
                 f"mimic_weight={c.mimic_weight}, cls_weight={c.cls_weight}, level={c.level!r}, "
-                f"reduction={c.reduction!r}, gradient={c.gradient!r}, roi_source={c.roi_source!r}")
+                f"reduction={c.reduction!r}, gradient={c.gradient!r}, roi_source={c.roi_source!r}, "
+                f"patch_bn={c.patch_bn!r}")
 
 
 def strip_mimicking(model: nn.Module) -> nn.Module:
