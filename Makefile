@@ -16,11 +16,16 @@ $(STAMP): $(SOURCES)
 	$(PY) -m pip install -q --disable-pip-version-check --no-build-isolation -e '.[test,docs]'
 	touch $(STAMP)
 
+# two pytest-xdist workers of one thread each, a test file per worker at a time (module fixtures built once);
+# the long end-to-end tests are marked slow: `make test-slow` runs them, `make test-all` runs everything
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2 --dist loadfile
+
+test-slow: $(STAMP)
+	$(PY) -m pytest -q -n 2 --dist loadfile -m slow
 
 test-all: $(STAMP)
-	$(PY) -m pytest -q -m ''
+	$(PY) -m pytest -q -n 2 --dist loadfile -m ''
 
 demo: $(STAMP)
 	$(PY) -m dcnv2.cli demo
