@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One prepared check of dcnv2 on a fresh CUDA machine with torch already installed (README "GPU kernels").
+# One prepared check of dcnv2 on a fresh CUDA machine with torch already installed (docs/gpu.md).
 #
 #   OUT=/some/dir bash scripts/gpu_check.sh            # on the GPU machine: ~8 minutes
 #   OUT=/tmp/gc bash scripts/gpu_check.sh --dry-run    # anywhere: the same steps on the CPU at tiny sizes

@@ -125,7 +125,7 @@ def test_object_crops_reject_bad_arguments(tmp_path):
 @pytest.mark.slow  # two whole demo runs compared
 def test_demo_fixed_schedule_is_reproducible_for_a_seed(tmp_path):
     """The same seed, schedule and thread count give identical metrics and losses, run after run (across
-    thread counts torch's reductions and GEMMs split differently: README "The demo" gives the difference)."""
+    thread counts torch's reductions and GEMMs split differently: docs/demo.md gives the difference)."""
     metrics = []
     for k in range(2):
         out = tmp_path / f"demo{k}"

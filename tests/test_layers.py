@@ -121,7 +121,7 @@ def test_old_module_paths_alias_the_moved_modules():
         assert FLOOR[package_of(old)] < FLOOR[package_of(new)]
         assert importlib.import_module(old) is importlib.import_module(new)
         assert sys.modules[old].__name__ == new
-    from dcnv2.engine.demo import DEMO_DATA  # the README's spelling
+    from dcnv2.engine.demo import DEMO_DATA  # the old spelling the docs once used
     from dcnv2.experiments.demo import DEMO_DATA as moved
 
     assert DEMO_DATA is moved

@@ -10,7 +10,7 @@ from typing import Any, Dict
 __all__ = ["run_demo", "ensure_synthetic_data", "plot_detection_grid", "DEMO_DATA", "DEMO_ITERS",
            "DEMO_PRETRAIN_ITERS"]
 
-# The demo's schedule, the same on every machine (README "The demo"): at --threads 1 on a 2-core machine -
+# The demo's schedule, the same on every machine (docs/demo.md): at --threads 1 on a 2-core machine -
 # half its speed, standing in for a slower machine - it takes about 12 of the 14 minutes
 DEMO_PRETRAIN_ITERS = 240
 DEMO_ITERS = 400
@@ -19,7 +19,7 @@ ANALYSIS_RESERVE_S = 30.0  # `dcnv2.analysis` figure of the trained models (2 mo
 # The demo's difficulty of the synthetic set (`dcnv2 data synth` and the ablation keep the full one: 12
 # classes, objects 8-80 % of the side, up to 4, more clutter). Six classes that stay distinct under the
 # warps, objects 20-70 % of the image side (25-90 px), up to 3 per image, lighter clutter; the geometric
-# variation - rotation, shear, anisotropy, sine warps - is the full set's. README "The demo" has the
+# variation - rotation, shear, anisotropy, sine warps - is the full set's. docs/demo.md has the
 # measurements behind the choice.
 DEMO_DATA: Dict[str, Any] = dict(
     classes=("circle", "square", "triangle", "star", "cross", "crescent"),
@@ -98,7 +98,7 @@ def _summary(results: Dict[str, Dict[str, Any]], out: Path, files: Dict[str, Pat
         lines.append(f"{last} is {'ahead of' if lead >= 0 else 'behind'} {base} by {abs(lead):.1f} AP "
                      f"({ap[last]:.1f} vs {ap[base]:.1f}; AP50 {ap50[last]:.1f} vs {ap50[base]:.1f}) after the same "
                      f"schedule ({results[last]['iterations']} vs {results[base]['iterations']} detector iterations).")
-        lines.append("One run is one seed: README.md (\"The demo\") gives both models' mean and spread over 3 "
+        lines.append("One run is one seed: docs/demo.md gives both models' mean and spread over 3 "
                      "seeds; a lead inside that spread is not a result.")
     for name, path in files.items():
         lines.append(f"  {name:<16} {path}")
