@@ -3,14 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-
-def _bool(text: str) -> bool:
-    value = text.strip().lower()
-    if value in ("true", "1", "yes"):
-        return True
-    if value in ("false", "0", "no"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+from dcnv2.commands.train import _bool  # true/false option values, as train --strict reads them
 
 
 def add_parser(sub) -> None:
