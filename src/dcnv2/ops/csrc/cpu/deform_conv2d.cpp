@@ -191,13 +191,15 @@ struct TapReader {
 // linear layers; bf16 products with float32 accumulation for bfloat16). On the CPUs measured it runs
 // 2-2.5x faster than the MKL SGEMM behind at::mm for these shapes and reaches the speed of the dense
 // convolution's direct kernel. w may be a strided view (a transpose): oneDNN reads it in place. When
-// the same weight serves several tiles it is packed once into oneDNN's blocked layout; for one or two
-// tiles (small maps, a batch of crops) the reorder costs more than it saves. float64, or a torch built
+// the same weight serves several tiles of many rows it is packed once into oneDNN's blocked layout; for
+// one or two tiles (small maps, a batch of crops), or tiles of a few hundred rows (c5's wide columns),
+// the reorder costs more than it saves (measured on c5: 5 ms to pack, 0.1 ms saved per 227-row tile). float64, or a torch built
 // without oneDNN, uses at::mm. The float32/float64 GEMMs are exact float32/float64 GEMMs; neither
 // changes precision.
 class RowGemm {
  public:
   static constexpr int64_t kPackFromUses = 4;
+  static constexpr int64_t kPackFromRows = 384;
 
   RowGemm(const at::Tensor& w, int64_t max_rows, int64_t uses) : w_(w) {
     const auto st = w.scalar_type();
@@ -205,10 +207,31 @@ class RowGemm {
     const auto& ops = onednn_ops();
     if (!ops) return;
     onednn_ = true;
-    if (uses < kPackFromUses) return;
+    if (uses < kPackFromUses || max_rows < kPackFromRows) return;
     torch::jit::Stack stack{w.contiguous(), c10::IValue(max_rows)};
     ops->reorder.callBoxed(&stack);
     packed_ = stack[0].toTensor();
+  }
+
+  // Whether the bfloat16 tiles can take the fast path: oneDNN's bf16 matmul needs AVX-512 (BF16) or
+  // AMX and refuses on an AVX2-only CPU, where bfloat16 then computes in float32 (see bf16_fast_path).
+  static bool bf16_gemm_available() {
+    static const bool ok = [] {
+      if (!onednn_enabled()) return true;  // at::mm, which runs bfloat16 anywhere
+      if (!onednn_ops()) return false;
+      try {
+        const auto opts = at::TensorOptions().dtype(at::kBFloat16);
+        torch::jit::Stack stack{at::ones({2, 16}, opts), at::ones({16, 16}, opts), c10::IValue(),
+                                c10::IValue(std::string("none")),
+                                c10::IValue(c10::List<std::optional<at::Scalar>>()),
+                                c10::IValue(std::string(""))};
+        onednn_ops()->linear.callBoxed(&stack);
+      } catch (const std::exception&) {  // c10::Error, or oneDNN's own error type
+        return false;
+      }
+      return true;
+    }();
+    return ok;
   }
 
   // [n, M] row-major
@@ -251,6 +274,110 @@ class RowGemm {
   at::Tensor packed_;
   bool onednn_ = false;
 };
+
+// dst[j * ld_d + i] = src[i * ld_s + j] + (add ? add[j] : 0) for i < R, j < Cc: the layout changes of
+// the kernel (NCHW <-> pixel-major rows, the weight's tap/channel order), in 64 x 64 blocks run in
+// parallel, float32 8 x 8 blocks in AVX2 registers. torch's strided copy of these shapes runs several
+// times slower (a permute-contiguous of c3's input, or of c5's weight, cost more than the bilinear fill).
+constexpr int64_t kTransposeBlock = 64;
+
+#if defined(__AVX2__) && defined(__FMA__)
+inline void transpose8x8(const float* s, int64_t ls, float* d, int64_t ld, const float* add) {
+  __m256 r[8], t[8];
+  for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(s + i * ls);
+  for (int i = 0; i < 4; ++i) {
+    t[2 * i] = _mm256_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm256_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+  }
+  r[0] = _mm256_shuffle_ps(t[0], t[2], _MM_SHUFFLE(1, 0, 1, 0));
+  r[1] = _mm256_shuffle_ps(t[0], t[2], _MM_SHUFFLE(3, 2, 3, 2));
+  r[2] = _mm256_shuffle_ps(t[1], t[3], _MM_SHUFFLE(1, 0, 1, 0));
+  r[3] = _mm256_shuffle_ps(t[1], t[3], _MM_SHUFFLE(3, 2, 3, 2));
+  r[4] = _mm256_shuffle_ps(t[4], t[6], _MM_SHUFFLE(1, 0, 1, 0));
+  r[5] = _mm256_shuffle_ps(t[4], t[6], _MM_SHUFFLE(3, 2, 3, 2));
+  r[6] = _mm256_shuffle_ps(t[5], t[7], _MM_SHUFFLE(1, 0, 1, 0));
+  r[7] = _mm256_shuffle_ps(t[5], t[7], _MM_SHUFFLE(3, 2, 3, 2));
+  for (int i = 0; i < 4; ++i) {
+    t[i] = _mm256_permute2f128_ps(r[i], r[i + 4], 0x20);
+    t[i + 4] = _mm256_permute2f128_ps(r[i], r[i + 4], 0x31);
+  }
+  for (int i = 0; i < 8; ++i) {
+    _mm256_storeu_ps(d + i * ld, add ? _mm256_add_ps(t[i], _mm256_set1_ps(add[i])) : t[i]);
+  }
+}
+#endif
+
+template <typename T>
+inline void transpose_scalar(const T* src, int64_t ld_s, T* dst, int64_t ld_d, int64_t i0, int64_t i1,
+                             int64_t j0, int64_t j1, const T* add) {
+  for (int64_t j = j0; j < j1; ++j) {
+    const T a = add ? add[j] : T(0);
+    for (int64_t i = i0; i < i1; ++i) dst[j * ld_d + i] = src[i * ld_s + j] + a;
+  }
+}
+
+// rows [i0, i1) x columns [j0, j1) of transpose_add
+template <typename T>
+void transpose_block(const T* src, int64_t ld_s, T* dst, int64_t ld_d, int64_t i0, int64_t i1, int64_t j0,
+                     int64_t j1, const T* add) {
+#if defined(__AVX2__) && defined(__FMA__)
+  if constexpr (std::is_same<T, float>::value) {
+    const int64_t i8 = i0 + (i1 - i0) / 8 * 8, j8 = j0 + (j1 - j0) / 8 * 8;
+    for (int64_t j = j0; j < j8; j += 8) {
+      for (int64_t i = i0; i < i8; i += 8) {
+        transpose8x8(src + i * ld_s + j, ld_s, dst + j * ld_d + i, ld_d, add ? add + j : nullptr);
+      }
+    }
+    transpose_scalar(src, ld_s, dst, ld_d, i8, i1, j0, j8, add);  // the rows below the 8 x 8 blocks
+    transpose_scalar(src, ld_s, dst, ld_d, i0, i1, j8, j1, add);  // the columns right of them
+    return;
+  }
+#endif
+  transpose_scalar(src, ld_s, dst, ld_d, i0, i1, j0, j1, add);
+}
+
+template <typename T>
+void transpose_add(const T* src, int64_t ld_s, T* dst, int64_t ld_d, int64_t R, int64_t Cc, const T* add) {
+  constexpr int64_t B = kTransposeBlock;
+  const int64_t nbi = (R + B - 1) / B, nbj = (Cc + B - 1) / B;
+  at::parallel_for(0, nbi * nbj, 4, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t i0 = (b / nbj) * B, j0 = (b % nbj) * B;
+      transpose_block(src, ld_s, dst, ld_d, i0, std::min(R, i0 + B), j0, std::min(Cc, j0 + B), add);
+    }
+  });
+}
+
+// Scratch buffers that live on between calls, one set per calling thread: the column tiles, the
+// channels-last copy of the input and the weight matrix never leave a call, and allocating them
+// afresh each time cost a page fault per 4 KB touched (about 4500 per call, 18 MB, on c5, where the
+// dense convolution takes 18). A buffer above kScratchMaxBytes is allocated per call instead, so a
+// huge input leaves nothing behind. A returned view is valid until the same slot is asked for again.
+enum ScratchSlot { kScratchColumns, kScratchGradColumns, kScratchInput, kScratchWeight, kScratchPartial, kScratchSlots };
+constexpr int64_t kScratchMaxBytes = 32 << 20;
+
+at::Tensor scratch(ScratchSlot slot, at::IntArrayRef sizes, const at::TensorOptions& opts) {
+  thread_local std::array<at::Tensor, kScratchSlots> buffers;
+  int64_t numel = 1;
+  for (const int64_t s : sizes) numel *= s;
+  const auto st = opts.dtype().toScalarType();
+  if (numel * static_cast<int64_t>(at::elementSize(st)) > kScratchMaxBytes) return at::empty(sizes, opts);
+  at::Tensor& buf = buffers[slot];
+  if (!buf.defined() || buf.scalar_type() != st || buf.numel() < numel) buf = at::empty({numel}, opts);
+  return buf.narrow(0, 0, numel).view(sizes);
+}
+
+// The batch in channels-last [N, H, W, C] in the compute type T.
+template <typename T>
+at::Tensor channels_last(const at::Tensor& input) {
+  const at::Tensor x = input.to(c10::CppTypeToScalarType<T>::value).contiguous();
+  const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), HW = H * W;
+  at::Tensor out = scratch(kScratchInput, {N, H, W, C}, x.options());
+  for (int64_t n = 0; n < N; ++n) {
+    transpose_add<T>(x.data_ptr<T>() + n * C * HW, HW, out.data_ptr<T>() + n * HW * C, C, C, HW, nullptr);
+  }
+  return out;
+}
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
@@ -339,6 +466,15 @@ void fill_columns(const Geometry& g, const TapReader<T>& taps, const S* batch_im
 template <typename T, typename S = T, typename D = T>
 void rows_to_channels(const S* src, int64_t q0, int64_t np, int64_t M, D* dst, int64_t ld_img, int64_t L,
                       const T* bias) {
+  if constexpr (std::is_same<S, T>::value && std::is_same<D, T>::value) {
+    for (int64_t r0 = 0; r0 < np;) {  // one image's run of rows at a time
+      const int64_t n = (q0 + r0) / L, p0 = q0 + r0 - n * L;
+      const int64_t run = std::min(np - r0, L - p0);
+      transpose_add<T>(src + r0 * M, M, dst + n * ld_img * L + p0, L, run, M, bias);
+      r0 += run;
+    }
+    return;
+  }
   constexpr int64_t B = 32;
   at::parallel_for(0, (M + B - 1) / B, 1, [&](int64_t b0, int64_t b1) {
     for (int64_t cb = b0 * B; cb < std::min(M, b1 * B); cb += B) {
@@ -459,17 +595,33 @@ at::Tensor rows(const at::Tensor& t, at::ScalarType ct) {
 
 // weight as [G, Cout/G, K * Cg] with the tap index outside the channel index, matching the columns
 at::Tensor weight_matrix(const at::Tensor& weight, const Geometry& g, at::ScalarType ct) {
+  if (ct == at::kFloat || ct == at::kDouble) {
+    const at::Tensor w = weight.to(ct).contiguous();
+    at::Tensor out = scratch(kScratchWeight, {g.G, g.Coutg(), g.K * g.Cg()}, w.options());
+    AT_DISPATCH_FLOATING_TYPES(ct, "dcnv2_weight_matrix", [&] {
+      const scalar_t* src = w.data_ptr<scalar_t>();
+      scalar_t* dst = out.data_ptr<scalar_t>();
+      const int64_t Cg = g.Cg(), K = g.K;
+      at::parallel_for(0, g.Cout, 8, [&](int64_t o0, int64_t o1) {
+        for (int64_t o = o0; o < o1; ++o) {
+          transpose_block<scalar_t>(src + o * Cg * K, K, dst + o * K * Cg, Cg, 0, Cg, 0, K, nullptr);
+        }
+      });
+    });
+    return out;
+  }
   return weight.to(ct).reshape({g.G, g.Coutg(), g.Cg(), g.K}).permute({0, 1, 3, 2}).contiguous()
       .reshape({g.G, g.Coutg(), g.K * g.Cg()});
 }
 
-// DCNV2_BF16=float32 sends bfloat16 through the float32 computation instead (benchmarks, debugging).
+// DCNV2_BF16=float32 sends bfloat16 through the float32 computation instead (benchmarks, debugging), as
+// does a CPU whose oneDNN has no bfloat16 matmul.
 bool bf16_fast_path() {
   static const bool on = [] {
     const char* env = std::getenv("DCNV2_BF16");
     return !(env && std::string(env) == "float32");
   }();
-  return on;
+  return on && RowGemm::bf16_gemm_available();
 }
 
 // The bfloat16 forward: float32 sampling, bf16 column tiles, bf16 GEMM with float32 accumulation
@@ -484,7 +636,7 @@ at::Tensor deform_conv2d_forward_bf16(const Geometry& g, const at::Tensor& input
   const at::Tensor mask_r = mask ? rows(*mask, at::kFloat) : at::Tensor();
   const at::Tensor wmat = weight_matrix(weight, g, at::kBFloat16);
   const int64_t P = tile_pixels(g, sizeof(uint16_t));
-  at::Tensor col = at::empty({P, g.G, g.K * g.Cg()}, input.options());
+  at::Tensor col = scratch(kScratchColumns, {P, g.G, g.K * g.Cg()}, input.options());
   const at::Tensor x_cl = input.permute({0, 2, 3, 1}).contiguous();  // [N, H, W, C]
   std::vector<RowGemm> gemm;
   for (int64_t grp = 0; grp < g.G; ++grp) gemm.emplace_back(wmat[grp], P, ceil_div(g.N * g.L, P));
@@ -525,8 +677,8 @@ at::Tensor deform_conv2d_forward_cpu(const at::Tensor& input, const at::Tensor& 
   const at::Tensor mask_r = mask ? rows(*mask, ct) : at::Tensor();
   const at::Tensor wmat = weight_matrix(weight, g, ct);
   const int64_t P = tile_pixels(g, at::elementSize(ct));
-  at::Tensor col = at::empty({P, g.G, g.K * g.Cg()}, out.options());
-  const at::Tensor x_cl = input.to(ct).permute({0, 2, 3, 1}).contiguous();  // [N, H, W, C]
+  at::Tensor col = scratch(kScratchColumns, {P, g.G, g.K * g.Cg()}, out.options());
+  const at::Tensor x_cl = ct == at::kFloat ? channels_last<float>(input) : channels_last<double>(input);
   // The GEMM writes pixel-major rows [np, Cout]: on the CPUs measured this layout runs markedly faster
   // than writing the strided [Cout, np] slice of the output directly; one transposing copy follows.
   std::vector<RowGemm> gemm;
@@ -590,7 +742,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> deform_co
 
   if (g.N > 0) {
     // the batch in channels-last (one copy of the input); tiles run over its N * L output pixels
-    const at::Tensor x_cl = input.to(ct).permute({0, 2, 3, 1}).contiguous();
+    const at::Tensor x_cl = ct == at::kFloat ? channels_last<float>(input) : channels_last<double>(input);
     const at::Tensor off_r = rows(offset, ct);
     const at::Tensor mask_r = mask ? rows(*mask, ct) : at::Tensor();
     // the column tiles, grad_col and the GEMMs run in bt: bfloat16 on the bf16 fast path
@@ -601,8 +753,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> deform_co
     // the output gradient as pixel-major rows [N * L, Cout]: a tile's rows are one contiguous slice
     const at::Tensor go = grad_output.to(bt).permute({0, 2, 3, 1}).contiguous().view({g.N * g.L, g.Cout});
     const int64_t P = tile_pixels(g, at::elementSize(bt));
-    at::Tensor col = at::empty({P, g.G, g.K * g.Cg()}, bopts);
-    at::Tensor gcol = g.G > 1 ? at::empty({P, g.G, g.K * g.Cg()}, bopts) : at::Tensor();
+    at::Tensor col = scratch(kScratchColumns, {P, g.G, g.K * g.Cg()}, bopts);
+    at::Tensor gcol = g.G > 1 ? scratch(kScratchGradColumns, {P, g.G, g.K * g.Cg()}, bopts) : at::Tensor();
     std::vector<RowGemm> gemm_t;  // grad_col = grad_out_rows @ wmat, i.e. weight wmat^T [K*Cg, Coutg]
     const int64_t tiles = ceil_div(g.N * g.L, P);
     for (int64_t grp = 0; grp < g.G; ++grp) gemm_t.emplace_back(wmat[grp].t(), P, tiles);
@@ -610,7 +762,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> deform_co
     const std::vector<Block> blocks = channel_blocks(g);
     const int64_t NB = static_cast<int64_t>(blocks.size());
     // per block, pixel and tap: partial (d/dy, d/dx, d/dmask) over the block's channels
-    at::Tensor partial = at::empty({NB, P, g.K, 3}, opts);
+    at::Tensor partial = scratch(kScratchPartial, {NB, P, g.K, 3}, opts);
 
     auto body = [&](auto t_tag, auto b_tag) {
       using T = decltype(t_tag);  // sampling, scatter and gradient accumulation
