@@ -2,6 +2,13 @@
 
 The 3x3 layers of ResNet-50 stages c3, c4, c5 at 800 px shorter side, modulated, float32, all cores.
 ``--dtype bfloat16`` instead times ours and the dense conv in float32 and in bfloat16 side by side.
+``--peers`` times the forward of ours, the dense conv, OpenVINO's DeformableConvolution, ONNX Runtime's
+DeformConv and torchvision's op (each peer's output checked against ours), at each ``--threads`` count
+(e.g. ``--threads 1 2``: the last column is our speed-up from the first count to the others).
+``--small`` times the small maps of the demo's models (a batch of 64 crops at 12x12 stride 2 ... 2x2, a
+batch of 8 at 16x16 ... 4x4), forward and forward+backward, against the dense conv. ``--grads`` times
+the backward with all gradients, the input's alone (a frozen layer, the analysis passes) and the
+weight's alone (frozen offsets), against the dense conv asked for the same.
 Everything runs side by side in one process; each time is the best of --repeats runs, and the table
 prints ratios (the absolute times of a shared machine mean little on their own).
 """
@@ -27,6 +34,16 @@ LAYERS = [  # (stage, channels, height, width)
     ("c4", 256, 50, 84),
     ("c5", 512, 25, 42),
 ]
+SMALL_MAPS = [  # (name, batch, channels, height, width, stride): the demo's crop and detector steps
+    ("64x12 s2", 64, 128, 12, 12, 2),
+    ("64x6", 64, 256, 6, 6, 1),
+    ("64x3", 64, 512, 3, 3, 1),
+    ("64x2", 64, 512, 2, 2, 1),
+    ("8x16", 8, 128, 16, 16, 1),
+    ("8x8", 8, 256, 8, 8, 1),
+    ("8x4", 8, 512, 4, 4, 1),
+]
+TINY = [("tiny", 8, 6, 6)]  # --tiny: a test-sized layer for every mode
 
 
 def best_time(fn, repeats: int) -> float:
@@ -232,6 +249,144 @@ def print_row(r: dict, header: bool) -> None:
           flush=True)
 
 
+def best_times_blocked(fns, repeats: int, rounds: int = 3, pause: float = 0.05) -> list[float]:
+    """Best time of each function, timed in blocks: ``rounds`` rounds in which each function runs
+    ``repeats / rounds`` times in a row after a short pause. The runtimes keep their worker threads
+    spinning for a while after a call (ONNX Runtime's and OpenVINO's pools, torch's OpenMP team); on a
+    2-core machine, timing them turn by turn would charge one's spinning to the next one's time."""
+    best = [float("inf")] * len(fns)
+    per_round = max(1, -(-repeats // rounds))
+    for _ in range(rounds):
+        for i, fn in enumerate(fns):
+            time.sleep(pause)
+            fn()  # warm-up
+            for _ in range(per_round):
+                t0 = time.perf_counter()
+                fn()
+                best[i] = min(best[i], time.perf_counter() - t0)
+    return best
+
+
+def peer_runners(x, w, off, mask, threads: int) -> dict:
+    """The peers' forward of this layer on ``threads`` threads, each checked against ours (<= 1e-4)."""
+    import deform_conv_peers as peers
+
+    lacking = peers.missing()
+    if lacking:
+        raise SystemExit(f"--peers needs {' and '.join(lacking)}: pip install -e '.[bench]' "
+                         f"(or pip install {' '.join(lacking)})")
+    with torch.no_grad():
+        ours = dcnv2.ops.deform_conv2d(x, off, w, padding=1, mask=mask)
+    runners = {"OpenVINO": peers.openvino_runner(x, w, off, mask, threads),
+               "ONNX Runtime": peers.onnxruntime_runner(x, w, off, mask, threads)}
+    for name, fn in runners.items():
+        err = (torch.from_numpy(fn()) - ours).abs().max().item()
+        if not err <= 1e-4 * max(1.0, ours.abs().max().item()):
+            raise SystemExit(f"{name}'s output differs from ours by {err:.3g} (> 1e-4)")
+    return runners
+
+
+def run_peers(repeats: int, batches, layers, thread_counts) -> list[dict]:
+    """Forward of ours, the dense conv, OpenVINO, ONNX Runtime and torchvision, per thread count."""
+    rows = []
+    for stage, C, H, W in layers:
+        for N in batches:
+            x, w, off, mask = make_case(C, H, W, N, requires_grad=False)
+            by_threads = {}
+            for threads in thread_counts:
+                torch.set_num_threads(threads)
+                peer = peer_runners(x, w, off, mask, threads)
+                fns = [lambda: dcnv2.ops.deform_conv2d(x, off, w, padding=1, mask=mask),
+                       lambda: F.conv2d(x, w, padding=1), *peer.values(),
+                       lambda: torchvision.ops.deform_conv2d(x, off, w, padding=1, mask=mask)]
+                with torch.no_grad():
+                    t = best_times_blocked(fns, repeats)
+                by_threads[threads] = t
+                row = dict(stage=stage, C=C, H=H, W=W, N=N, threads=threads, ours=t[0], dense=t[1],
+                           openvino=t[2], onnxruntime=t[3], torchvision=t[4],
+                           scaling=by_threads[thread_counts[0]][0] / t[0])
+                rows.append(row)
+                print_peer_row(row, header=len(rows) == 1, base_threads=thread_counts[0])
+                del peer
+    return rows
+
+
+def print_peer_row(r: dict, header: bool, base_threads: int) -> None:
+    if header:
+        print("| layer | N | threads | ours | dense conv | OpenVINO | ONNX Runtime | torchvision "
+              f"| ours, speed-up from {base_threads} thread(s) |")
+        print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    o = r["ours"]
+    cols = [f"{o * 1e3:.1f} ms ({o / r['dense']:.2f}x dense)", f"{r['dense'] * 1e3:.1f} ms"]
+    cols += [f"{r[k] * 1e3:.1f} ms ({r[k] / o:.2f}x ours)" for k in ("openvino", "onnxruntime", "torchvision")]
+    print(f"| {r['stage']} C={r['C']} {r['H']}x{r['W']} | {r['N']} | {r['threads']} | " + " | ".join(cols)
+          + f" | {r['scaling']:.2f}x |", flush=True)
+
+
+def small_case(N: int, C: int, H: int, W: int, stride: int):
+    Ho, Wo = (H - 1) // stride + 1, (W - 1) // stride + 1  # 3x3, padding 1
+    g = torch.Generator().manual_seed(0)
+    return (torch.randn(N, C, H, W, generator=g), torch.randn(C, C, 3, 3, generator=g) * 0.01,
+            torch.randn(N, 18, Ho, Wo, generator=g) * 2, torch.rand(N, 9, Ho, Wo, generator=g),
+            torch.randn(N, C, Ho, Wo, generator=g))
+
+
+def backward_step(fn, leaves, go):
+    def step():
+        fn(*leaves).backward(go)
+        for t in leaves:
+            t.grad = None
+    return step
+
+
+def run_small(repeats: int, shapes) -> list[dict]:
+    """Forward and forward+backward of ours and the dense conv on small maps."""
+    rows = []
+    for name, N, C, H, W, stride in shapes:
+        x, w, off, mask, go = small_case(N, C, H, W, stride)
+        conf = dict(stride=stride, padding=1)
+        with torch.no_grad():
+            f = best_times_blocked([lambda: dcnv2.ops.deform_conv2d(x, off, w, mask=mask, **conf),
+                                    lambda: F.conv2d(x, w, **conf)], repeats)
+        leaves = [t.clone().requires_grad_() for t in (x, w, off, mask)]
+        b = best_times_blocked(
+            [backward_step(lambda x, w, off, mask: dcnv2.ops.deform_conv2d(x, off, w, mask=mask, **conf), leaves, go),
+             backward_step(lambda x, w, off, mask: F.conv2d(x, w, **conf), leaves, go)], repeats)
+        rows.append(dict(name=name, C=C, f=f, b=b))
+        if len(rows) == 1:
+            print("| batch x map | C | fwd ours | fwd dense | fwd ours/dense | fwd+bwd ours | fwd+bwd dense "
+                  "| fwd+bwd ours/dense |")
+            print("|---|---:|---:|---:|---:|---:|---:|---:|")
+        print(f"| {name} | {C} | {f[0] * 1e3:.2f} ms | {f[1] * 1e3:.2f} ms | {f[0] / f[1]:.2f}x "
+              f"| {b[0] * 1e3:.2f} ms | {b[1] * 1e3:.2f} ms | {b[0] / b[1]:.2f}x |", flush=True)
+    return rows
+
+
+GRADIENT_SETS = {"all": (0, 1, 2, 3), "input only": (0,), "weight only": (1,)}  # of (x, w, off, mask)
+
+
+def run_grads(repeats: int, batches, layers) -> list[dict]:
+    """Forward+backward with each set of gradients asked for, ours and the dense conv."""
+    rows = []
+    for stage, C, H, W in layers:
+        for N in batches:
+            base = make_case(C, H, W, N, requires_grad=False)
+            go = torch.randn(N, C, H, W, generator=torch.Generator().manual_seed(1))
+            for label, wanted in GRADIENT_SETS.items():
+                leaves = [t.clone().requires_grad_(i in wanted) for i, t in enumerate(base)]
+                fns = [backward_step(lambda x, w, off, mask: dcnv2.ops.deform_conv2d(x, off, w, padding=1, mask=mask),
+                                     leaves, go),
+                       backward_step(lambda x, w: F.conv2d(x, w, padding=1), leaves[:2], go)]
+                t = best_times_blocked(fns, repeats)
+                rows.append(dict(stage=stage, N=N, grads=label, ours=t[0], dense=t[1]))
+                if len(rows) == 1:
+                    print("| layer | N | gradients | fwd+bwd ours | fwd+bwd dense | ours/dense |")
+                    print("|---|---:|---|---:|---:|---:|")
+                print(f"| {stage} C={C} {H}x{W} | {N} | {label} | {t[0] * 1e3:.1f} ms | {t[1] * 1e3:.1f} ms "
+                      f"| {t[0] / t[1]:.2f}x |", flush=True)
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=5, help="repetitions per measurement; the best is kept")
@@ -240,14 +395,36 @@ def main() -> None:
                         help="other than float32: ours and the dense conv in float32 and in this dtype, "
                              "side by side (no torchvision, no memory)")
     parser.add_argument("--layers", nargs="+", choices=[s for s, *_ in LAYERS], help="only these stages")
-    parser.add_argument("--threads", type=int, help="torch threads (default: torch's)")
+    parser.add_argument("--threads", type=int, nargs="+",
+                        help="torch threads (default: torch's); --peers runs each count in turn")
+    parser.add_argument("--peers", action="store_true",
+                        help="forward against OpenVINO and ONNX Runtime (the bench extra) and torchvision")
+    parser.add_argument("--small", action="store_true", help="the demo's small maps against the dense conv")
+    parser.add_argument("--grads", action="store_true",
+                        help="backward with all / the input's / the weight's gradients against the dense conv")
+    parser.add_argument("--tiny", action="store_true", help="one test-sized layer (checks, not timings)")
     parser.add_argument("--memory-case", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.memory_case:
         stage, N, mode, impl = args.memory_case
         return memory_case(stage, int(N), mode, impl)
+    layers = TINY if args.tiny else [layer for layer in LAYERS if not args.layers or layer[0] in args.layers]
+    if args.peers:
+        counts = args.threads or [torch.get_num_threads()]
+        print(f"torch {torch.__version__}, torchvision {torchvision.__version__}, float32, modulated, 3x3 pad 1, "
+              f"forward; best of {args.repeats} in blocks; {os.cpu_count()} CPUs")
+        run_peers(args.repeats, args.batches, layers, counts)
+        return
     if args.threads:
-        torch.set_num_threads(args.threads)
+        torch.set_num_threads(args.threads[0])
+    if args.small or args.grads:
+        print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, float32, modulated, 3x3 pad 1; "
+              f"best of {args.repeats} in blocks")
+        if args.small:
+            run_small(args.repeats, [("tiny", 2, 8, 6, 6, 1)] if args.tiny else SMALL_MAPS)
+        if args.grads:
+            run_grads(args.repeats, args.batches, layers)
+        return
     if args.dtype != "float32":
         print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, float32 vs {args.dtype}, "
               f"modulated, 3x3 pad 1; best of {args.repeats} interleaved rounds")

@@ -353,7 +353,10 @@ void transpose_add(const T* src, int64_t ld_s, T* dst, int64_t ld_d, int64_t R, 
 // afresh each time cost a page fault per 4 KB touched (about 4500 per call, 18 MB, on c5, where the
 // dense convolution takes 18). A buffer above kScratchMaxBytes is allocated per call instead, so a
 // huge input leaves nothing behind. A returned view is valid until the same slot is asked for again.
-enum ScratchSlot { kScratchColumns, kScratchGradColumns, kScratchInput, kScratchWeight, kScratchPartial, kScratchSlots };
+enum ScratchSlot {
+  kScratchColumns, kScratchGradColumns, kScratchInput, kScratchWeight, kScratchPartial, kScratchGradOutput,
+  kScratchGradOutputTile, kScratchSlots
+};
 constexpr int64_t kScratchMaxBytes = 32 << 20;
 
 at::Tensor scratch(ScratchSlot slot, at::IntArrayRef sizes, const at::TensorOptions& opts) {
@@ -369,10 +372,10 @@ at::Tensor scratch(ScratchSlot slot, at::IntArrayRef sizes, const at::TensorOpti
 
 // The batch in channels-last [N, H, W, C] in the compute type T.
 template <typename T>
-at::Tensor channels_last(const at::Tensor& input) {
+at::Tensor channels_last(const at::Tensor& input, ScratchSlot slot = kScratchInput) {
   const at::Tensor x = input.to(c10::CppTypeToScalarType<T>::value).contiguous();
   const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), HW = H * W;
-  at::Tensor out = scratch(kScratchInput, {N, H, W, C}, x.options());
+  at::Tensor out = scratch(slot, {N, H, W, C}, x.options());
   for (int64_t n = 0; n < N; ++n) {
     transpose_add<T>(x.data_ptr<T>() + n * C * HW, HW, out.data_ptr<T>() + n * HW * C, C, C, HW, nullptr);
   }
@@ -751,7 +754,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> deform_co
     const auto bopts = input.options().dtype(bt);
     const at::Tensor wmat = weight_matrix(weight, g, bt);
     // the output gradient as pixel-major rows [N * L, Cout]: a tile's rows are one contiguous slice
-    const at::Tensor go = grad_output.to(bt).permute({0, 2, 3, 1}).contiguous().view({g.N * g.L, g.Cout});
+    const at::Tensor go = (bt == at::kFloat ? channels_last<float>(grad_output, kScratchGradOutput)
+                           : bt == at::kDouble ? channels_last<double>(grad_output, kScratchGradOutput)
+                                               : grad_output.to(bt).permute({0, 2, 3, 1}).contiguous())
+                              .view({g.N * g.L, g.Cout});
     const int64_t P = tile_pixels(g, at::elementSize(bt));
     at::Tensor col = scratch(kScratchColumns, {P, g.G, g.K * g.Cg()}, bopts);
     at::Tensor gcol = g.G > 1 ? scratch(kScratchGradColumns, {P, g.G, g.K * g.Cg()}, bopts) : at::Tensor();
@@ -788,7 +794,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> deform_co
           if (need_w) {
             at::Tensor cols = col.narrow(0, 0, np).select(1, grp);  // [np, K*Cg]
             // grad_w += go_g^T @ cols; bf16: the tile's GEMM (float32 accumulation, rounded once) summed in float32
-            const at::Tensor tile_w = RowGemm(cols.t(), g.Coutg(), 1)(go_g.t());  // [Coutg, K*Cg]
+            at::Tensor go_t;  // go_g^T [Coutg, np], the GEMM's row-major left operand
+            if constexpr (std::is_same<B, T>::value) {
+              go_t = scratch(kScratchGradOutputTile, {g.Coutg(), np}, bopts);
+              transpose_add<T>(go.data_ptr<T>() + q0 * g.Cout + grp * g.Coutg(), g.Cout, go_t.data_ptr<T>(), np,
+                               np, g.Coutg(), nullptr);
+            } else {
+              go_t = go_g.t().contiguous();
+            }
+            const at::Tensor tile_w = RowGemm(cols.t(), g.Coutg(), 1)(go_t);  // [Coutg, K*Cg]
             if (!gw[grp].defined()) {
               gw[grp] = tile_w.to(ct);
             } else {
