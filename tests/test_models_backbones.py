@@ -172,12 +172,21 @@ def test_torchvision_weights_enum_path(monkeypatch):
 
 def test_presets_are_the_table_1_rows():
     assert list(PRESETS) == ["regular-roipool", "regular", "dcnv1", "dconv-c5", "dconv-c4c5", "dconv-c3c5",
-                             "dconv-c3c5-dpool", "mdconv-c3c5-mdpool",
+                             "dconv-c3c5-dpool", "mdconv-c3c5", "mdconv-c3c5-mdpool",
                              "regular-mimic", "dcnv2", "dcnv2-fgbg", "dcnv2-bg"]  # + Table 3's mimicking
     p = PRESETS["dcnv1"]
     assert p.deform_stages == ("c5",) and not p.modulated and p.box_pool == p.mask_pool == "dpool"
     p = PRESETS["mdconv-c3c5-mdpool"]
     assert p.deform_stages == ("c3", "c4", "c5") and p.modulated and p.box_pool == "mdpool"
+    p = PRESETS["mdconv-c3c5"]
+    assert p.deform_stages == ("c3", "c4", "c5") and p.modulated and p.box_pool == p.mask_pool == "align"
+
+
+def test_the_ablation_tables_name_existing_presets():
+    from dcnv2.experiments.ablation import TABLE1_PRESETS, TABLE3_PRESETS
+
+    assert set(TABLE1_PRESETS) <= set(PRESETS) and set(TABLE3_PRESETS) <= set(PRESETS)
+    assert len(TABLE1_PRESETS) == 8
     assert PRESETS["regular-roipool"].box_pool == "roipool" and PRESETS["regular"].box_pool == "align"
     assert PRESETS["dconv-c4c5"].deform_stages == ("c4", "c5") and PRESETS["dconv-c4c5"].box_pool == "align"
     custom = PRESETS["dconv-c3c5"].replace(name="og4", offset_groups=4)

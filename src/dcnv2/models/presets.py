@@ -13,6 +13,7 @@ dconv-c5               dconv@c5                            DCNv1 c5 / RoIAlign
 dconv-c4c5             dconv@c4~c5                         DCNv1 c4–c5 / RoIAlign
 dconv-c3c5             dconv@c3~c5                         DCNv1 c3–c5 / RoIAlign
 dconv-c3c5-dpool       dconv@c3~c5 + dpool                 DCNv1 c3–c5 / deformable RoI pooling
+mdconv-c3c5            mdconv@c3~c5                        DCNv2 c3–c5 / RoIAlign
 mdconv-c3c5-mdpool     mdconv@c3~c5 + mdpool               DCNv2 c3–c5 / modulated deformable RoI pooling
 =====================  ==================================  ===============================
 
@@ -106,6 +107,7 @@ PRESETS: Dict[str, DetectorPreset] = {p.name: p for p in (
     _p("dconv-c4c5", "dconv@c4~c5", ("c4", "c5")),
     _p("dconv-c3c5", "dconv@c3~c5", ("c3", "c4", "c5")),
     _p("dconv-c3c5-dpool", "dconv@c3~c5 + dpool", ("c3", "c4", "c5"), pool="dpool"),
+    _p("mdconv-c3c5", "mdconv@c3~c5", ("c3", "c4", "c5"), modulated=True),
     _p("mdconv-c3c5-mdpool", "mdconv@c3~c5 + mdpool", ("c3", "c4", "c5"), modulated=True, pool="mdpool"),
 )}
 PRESETS.update({p.name: p for p in (
