@@ -162,6 +162,27 @@ def _cli(*args):
     return subprocess.run([sys.executable, "-m", "dcnv2.cli", *args], capture_output=True, text=True, timeout=300)
 
 
+def _cli_in_process(*args):
+    """The CLI's argument checks in this process (no interpreter start-up per case): its exit status and
+    what it printed. An exception the CLI does not turn into a message fails the test, as a traceback would."""
+    import contextlib
+    import io
+    import types
+
+    from dcnv2.cli import main
+
+    out, err, threads = io.StringIO(), io.StringIO(), torch.get_num_threads()
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                code = main(list(args))
+            except SystemExit as exc:  # argparse's own errors
+                code = exc.code
+    finally:
+        torch.set_num_threads(threads)
+    return types.SimpleNamespace(returncode=code, stdout=out.getvalue(), stderr=err.getvalue())
+
+
 @pytest.mark.parametrize("where,words", [
     (["--box", "100,100,140,130"], ["--box 100,100,140,130 does not overlap the image", "[0, 64] x [0, 64]"]),
     (["--node", "500,10"], ["--node 500,10 is outside the image", "x must be in [0, 64)"]),
@@ -172,8 +193,8 @@ def _cli(*args):
 def test_figure_refuses_places_outside_the_image(setup, where, words):
     root, ckpts = setup
     image = sorted((root / "data" / "val").glob("*.png"))[0]
-    proc = _cli("analyze", "figure", "--checkpoint", str(ckpts["regular"]), "--image", str(image),
-                "--out", str(root / "never.png"), *where, *FAST)
+    proc = _cli_in_process("analyze", "figure", "--checkpoint", str(ckpts["regular"]), "--image", str(image),
+                           "--out", str(root / "never.png"), *where, *FAST)
     assert proc.returncode == 2, proc.stdout + proc.stderr
     for w in words:
         assert w in proc.stderr

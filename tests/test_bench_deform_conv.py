@@ -38,6 +38,7 @@ def load_module(name: str):
         sys.path.remove(str(BENCH_DIR))
 
 
+@pytest.mark.slow  # a subprocess that builds both runtimes twice; CI runs it
 @pytest.mark.skipif(not HAVE_PEERS, reason="needs openvino, onnxruntime and onnx (pip install -e '.[bench]')")
 def test_peer_mode_prints_every_runtime_at_each_thread_count():
     out = run_bench("--peers", "--threads", "1", "2")
