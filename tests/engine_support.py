@@ -193,6 +193,26 @@ def _main(argv):
     D.cleanup_distributed()
 
 
+def tiny_train_config(out, **changes):
+    """Batch 2, a 2-iteration warm-up, no decay, a log record per iteration, no worker processes, no bar."""
+    from dcnv2.engine import TrainConfig
+
+    base = dict(out=str(out), batch_size=2, lr=0.01, warmup_iters=2, lr_steps=(), log_every=1,
+                checkpoint_every=1000, num_workers=0, progress=False)
+    base.update(changes)
+    return TrainConfig(**base)
+
+
+def log_records(out) -> list:
+    """The records of OUT/log.jsonl."""
+    import json
+    from pathlib import Path
+
+    from dcnv2.engine.train import LOG_FILE
+
+    return [json.loads(line) for line in (Path(out) / LOG_FILE).read_text().splitlines()]
+
+
 if __name__ == "__main__":
     if len(sys.argv) >= 2 and sys.argv[1] == "train":
         _main(sys.argv[1:])

@@ -9,13 +9,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine_support import params_vector
+from engine_support import params_vector, log_records as _log, tiny_train_config as _cfg
 from dcnv2.cli import main
 from dcnv2.data import synthetic_cls
-from dcnv2.engine import ModelSpec, TrainConfig, load_checkpoint, save_checkpoint, train
+from dcnv2.engine import ModelSpec, load_checkpoint, save_checkpoint, train
 from dcnv2.engine.classification import (classification_metrics, collate_train, confusion_matrix, load_image_folder,
                                          topk_accuracy)
-from dcnv2.engine.train import LAST_CHECKPOINT, LOG_FILE
+from dcnv2.engine.train import LAST_CHECKPOINT
 from dcnv2.models import classifier
 
 CLASSES = ["circle", "cross", "star"]
@@ -114,17 +114,6 @@ def test_topk_and_confusion_matrix_exact():
 
 # ---------------------------------------------------------------------------------------------------------
 # training through the detection engine
-
-
-def _cfg(out, **kw):
-    base = dict(out=str(out), batch_size=2, lr=0.01, warmup_iters=2, lr_steps=(), log_every=1,
-                checkpoint_every=1000, num_workers=0, progress=False)
-    base.update(kw)
-    return TrainConfig(**base)
-
-
-def _log(out):
-    return [json.loads(line) for line in (Path(out) / LOG_FILE).read_text().splitlines()]
 
 
 def _model(seed=0):

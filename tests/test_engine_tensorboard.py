@@ -6,27 +6,15 @@ from __future__ import annotations
 import json
 import sys
 import warnings
-from pathlib import Path
 
 import pytest
 import torch
 
-from engine_support import TinyShapes, tiny_detector
+from engine_support import TinyShapes, tiny_detector, log_records as _log, tiny_train_config as _cfg
 from dcnv2.cli import main
-from dcnv2.engine import TrainConfig, train
+from dcnv2.engine import train
 from dcnv2.engine import tensorboard as tbmod
 from dcnv2.engine.train import LOG_FILE
-
-
-def _cfg(out, **kw):
-    base = dict(out=str(out), batch_size=2, lr=0.01, warmup_iters=2, lr_steps=(), log_every=1,
-                checkpoint_every=1000, num_workers=0, progress=False)
-    base.update(kw)
-    return TrainConfig(**base)
-
-
-def _log(out):
-    return [json.loads(line) for line in (Path(out) / LOG_FILE).read_text().splitlines()]
 
 
 def _events(tb_dir):

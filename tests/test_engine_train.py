@@ -11,22 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine_support import TinyShapes, params_vector, tiny_detector
+from engine_support import TinyShapes, params_vector, tiny_detector, log_records as _log, tiny_train_config as _cfg
 from dcnv2.engine import NonFiniteLossError, TrainConfig, load_checkpoint, save_checkpoint, train
-from dcnv2.engine.train import LAST_CHECKPOINT, LOG_FILE, ResumableBatchSampler
+from dcnv2.engine.train import LAST_CHECKPOINT, ResumableBatchSampler
 
 HERE = Path(__file__).resolve().parent
-
-
-def _cfg(out, **kw):
-    base = dict(out=str(out), batch_size=2, lr=0.01, warmup_iters=2, lr_steps=(), log_every=1,
-                checkpoint_every=1000, num_workers=0, progress=False)
-    base.update(kw)
-    return TrainConfig(**base)
-
-
-def _log(out):
-    return [json.loads(l) for l in (Path(out) / LOG_FILE).read_text().splitlines()]
 
 
 def _crash_at(model, call, exc=RuntimeError("simulated crash")):
