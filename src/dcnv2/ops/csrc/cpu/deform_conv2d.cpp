@@ -193,8 +193,8 @@ struct TapReader {
 // convolution's direct kernel. w may be a strided view (a transpose): oneDNN reads it in place. When
 // the same weight serves several tiles of many rows it is packed once into oneDNN's blocked layout; for
 // one or two tiles (small maps, a batch of crops), or tiles of a few hundred rows (c5's wide columns),
-// the reorder costs more than it saves (measured on c5: 5 ms to pack, 0.1 ms saved per 227-row tile). float64, or a torch built
-// without oneDNN, uses at::mm. The float32/float64 GEMMs are exact float32/float64 GEMMs; neither
+// the reorder costs more than it saves (measured on c5: 5 ms to pack, 0.1 ms saved per 227-row tile).
+// float64, or a torch built without oneDNN, uses at::mm. The float32/float64 GEMMs are exact float32/float64 GEMMs; neither
 // changes precision.
 class RowGemm {
  public:
@@ -380,6 +380,11 @@ at::Tensor channels_last(const at::Tensor& input, ScratchSlot slot = kScratchInp
     transpose_add<T>(x.data_ptr<T>() + n * C * HW, HW, out.data_ptr<T>() + n * HW * C, C, C, HW, nullptr);
   }
   return out;
+}
+
+// channels_last in the compute type ct (float32 or float64)
+at::Tensor channels_last_as(at::ScalarType ct, const at::Tensor& t, ScratchSlot slot = kScratchInput) {
+  return ct == at::kFloat ? channels_last<float>(t, slot) : channels_last<double>(t, slot);
 }
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
@@ -681,7 +686,7 @@ at::Tensor deform_conv2d_forward_cpu(const at::Tensor& input, const at::Tensor& 
   const at::Tensor wmat = weight_matrix(weight, g, ct);
   const int64_t P = tile_pixels(g, at::elementSize(ct));
   at::Tensor col = scratch(kScratchColumns, {P, g.G, g.K * g.Cg()}, out.options());
-  const at::Tensor x_cl = ct == at::kFloat ? channels_last<float>(input) : channels_last<double>(input);
+  const at::Tensor x_cl = channels_last_as(ct, input);
   // The GEMM writes pixel-major rows [np, Cout]: on the CPUs measured this layout runs markedly faster
   // than writing the strided [Cout, np] slice of the output directly; one transposing copy follows.
   std::vector<RowGemm> gemm;
@@ -745,7 +750,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> deform_co
 
   if (g.N > 0) {
     // the batch in channels-last (one copy of the input); tiles run over its N * L output pixels
-    const at::Tensor x_cl = ct == at::kFloat ? channels_last<float>(input) : channels_last<double>(input);
+    const at::Tensor x_cl = channels_last_as(ct, input);
     const at::Tensor off_r = rows(offset, ct);
     const at::Tensor mask_r = mask ? rows(*mask, ct) : at::Tensor();
     // the column tiles, grad_col and the GEMMs run in bt: bfloat16 on the bf16 fast path
@@ -754,9 +759,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> deform_co
     const auto bopts = input.options().dtype(bt);
     const at::Tensor wmat = weight_matrix(weight, g, bt);
     // the output gradient as pixel-major rows [N * L, Cout]: a tile's rows are one contiguous slice
-    const at::Tensor go = (bt == at::kFloat ? channels_last<float>(grad_output, kScratchGradOutput)
-                           : bt == at::kDouble ? channels_last<double>(grad_output, kScratchGradOutput)
-                                               : grad_output.to(bt).permute({0, 2, 3, 1}).contiguous())
+    const at::Tensor go = (bt == ct ? channels_last_as(ct, grad_output, kScratchGradOutput)
+                                    : grad_output.to(bt).permute({0, 2, 3, 1}).contiguous())
                               .view({g.N * g.L, g.Cout});
     const int64_t P = tile_pixels(g, at::elementSize(bt));
     at::Tensor col = scratch(kScratchColumns, {P, g.G, g.K * g.Cg()}, bopts);
