@@ -127,8 +127,11 @@ def openvino_runner(model, image_size):
     return lambda x: run_openvino(compiled, x)
 
 
-def variants(model, image, preset: str) -> Dict[str, Callable[[], object]]:
-    """name -> a function running one image (no grad)."""
+def variants(model, image, preset: str, eager_only: bool = False) -> Dict[str, Callable[[], object]]:
+    """name -> a function running one image (no grad). ``eager_only``: our float32 eager run alone (the
+    model-level deformable vs regular comparison, without the exports)."""
+    if eager_only:
+        return {"eager fp32": lambda: model([image])}
     bf16 = Bfloat16Detector(model)
     t0 = time.perf_counter()
     blob = export_onnx(ExportableDetector(model), image_size=tuple(image.shape[1:]))
@@ -184,15 +187,25 @@ def op_bf16_row(repeats: int) -> str:
     return " | ".join(f"{k} {1e3 * v:.1f} ms ({v / base:.2f}x)" for k, v in t.items())
 
 
-def latency_table(kinds: List[str], repeats: int) -> List[str]:
+def latency_table(kinds: List[str], repeats: int, eager_only: bool = False) -> List[str]:
     lines = ["| model | preset | variant | ms / image | vs our fp32 eager | vs regular fp32 eager |",
              "|---|---|---|---|---|---|"]
     for kind in kinds:
+        if eager_only:  # both detectors in one round-robin, so a noisy neighbour hits them alike
+            runs = {}
+            for preset in PRESETS:
+                model, image = build(kind, preset)
+                runs[preset] = (lambda m, x: lambda: m([x]))(model, image)
+            t = time_round_robin(runs, repeats)
+            for preset, v in t.items():
+                lines.append(f"| {kind} | {preset} | eager fp32 | {1e3 * v:.0f} | 1.00 | {v / t['regular']:.2f} |")
+                print(lines[-1], flush=True)
+            continue
         base_regular = None
         for preset in PRESETS:
             print(f"{kind} {preset}: building and exporting", flush=True)
             model, image = build(kind, preset)
-            t = time_round_robin(variants(model, image, preset), repeats)
+            t = time_round_robin(variants(model, image, preset, eager_only), repeats)
             ours = t["eager fp32"]
             base_regular = base_regular or ours
             for name, v in t.items():
@@ -283,6 +296,8 @@ def main(argv=None) -> int:
                         "thread")
     p.add_argument("--no-op-row", action="store_true", help="skip the single-layer bfloat16 row")
     p.add_argument("--no-latency", action="store_true", help="only the AP comparison (needs --demo-checkpoint)")
+    p.add_argument("--eager-only", action="store_true",
+                   help="latency of our float32 eager detectors only (regular vs deformable; no exports)")
     args = p.parse_args(argv)
     warnings.simplefilter("ignore")
     if args.threads:
@@ -294,7 +309,7 @@ def main(argv=None) -> int:
         out.append("deform_conv2d 256->256 3x3 at 50x84 (R-50 c4, 800 px): " + op_bf16_row(max(args.repeats, 5)))
         print(out[-1], flush=True)
     if not args.no_latency:
-        out += latency_table(args.models, args.repeats)
+        out += latency_table(args.models, args.repeats, args.eager_only)
     if args.demo_checkpoint:
         out += ap_table(args.demo_checkpoint, args.data, args.ap_images)
     print("\n".join(["", *out]))
