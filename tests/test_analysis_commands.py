@@ -24,7 +24,6 @@ def setup(tmp_path_factory):
     from dcnv2 import data
     from dcnv2.engine import ModelSpec, TrainConfig, train
 
-    torch.set_num_threads(2)
     root = tmp_path_factory.mktemp("analysis")
     data.synthetic.generate(root / "data", seed=0, num_train=4, num_val=3, image_size=SIZE, min_objects=2)
     train_set = data.load_split(root / "data", "train", with_masks=False)
@@ -46,7 +45,7 @@ def setup(tmp_path_factory):
 
 
 # small settings: a 64-px image needs few superpixels and coarse rectangle steps
-FAST = ["--n-segments", "8", "--area-step", "0.1", "--greedy", "lazy", "--batch-size", "8", "--threads", "2"]
+FAST = ["--n-segments", "8", "--area-step", "0.1", "--greedy", "lazy", "--batch-size", "8"]
 
 
 def test_figure_command_picks_nodes_and_draws(setup, capsys):
@@ -152,7 +151,8 @@ def test_demo_figure_of_trained_models(setup, monkeypatch, capsys):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# bad input on the same checkpoints, through the CLI in a subprocess: exit status, the argument or file
+# bad input on the same checkpoints, through the CLI (in a subprocess where a crash or a once-per-process
+# warning matters, in this process otherwise): exit status, the argument or file
 # named, no traceback, and nothing silently moved or NaN
 
 def _cli(*args):
@@ -204,7 +204,7 @@ def test_figure_refuses_places_outside_the_image(setup, where, words):
 def test_figure_clips_a_box_partly_outside_and_says_so(setup):
     root, ckpts = setup
     image = sorted((root / "data" / "val").glob("*.png"))[0]
-    proc = _cli("analyze", "figure", "--checkpoint", str(ckpts["mdconv-c3c5-mdpool"]), "--image", str(image),
+    proc = _cli_in_process("analyze", "figure", "--checkpoint", str(ckpts["mdconv-c3c5-mdpool"]), "--image", str(image),
                 "--out", str(root / "clipped.png"), "--box", "40,-10,90,30", *FAST)
     assert proc.returncode == 0, proc.stderr
     assert "box (40, 0, 64, 30, clipped to the image)" in proc.stdout
@@ -268,11 +268,11 @@ def test_commands_refuse_a_checkpoint_of_the_wrong_kind_and_an_unusable_out(setu
     save_checkpoint({"model": model.state_dict(), "model_spec": spec.to_dict()}, cls)
     for args in (["predict", str(image), "--out", str(tmp_path / "p")],
                  ["analyze", "figure", "--image", str(image), "--node", "5,5", "--out", str(tmp_path / "f.png")]):
-        proc = _cli(*args, "--checkpoint", str(cls))
+        proc = _cli_in_process(*args, "--checkpoint", str(cls))
         assert proc.returncode == 2 and "holds a classifier" in proc.stderr and "Traceback" not in proc.stderr
     blocker = tmp_path / "a_file"
     blocker.write_text("x")
-    proc = _cli("analyze", "figure", "--checkpoint", str(ckpts["regular"]), "--image", str(image), "--node", "5,5",
+    proc = _cli_in_process("analyze", "figure", "--checkpoint", str(ckpts["regular"]), "--image", str(image), "--node", "5,5",
                 "--out", str(blocker / "fig.png"), *FAST)
     assert proc.returncode == 2 and f"--out's folder {str(blocker)!r} cannot be created" in proc.stderr
     # 16-bit grayscale reads as its picture (white stays white), not clipped to 255 everywhere
