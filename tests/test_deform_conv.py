@@ -181,6 +181,20 @@ def test_float32_several_column_tiles(groups):
     _float32_vs_float64(x, off, w, b, mask, conf)
 
 
+@pytest.mark.parametrize("groups", [1, 2])
+def test_float32_tile_parallel_forward(groups):
+    """With two threads and tiles enough for both, each thread fills and multiplies tiles of its own (one
+    equal share each, the last tile partial): the forward agrees with float64 and every gradient too."""
+    torch.set_num_threads(2)  # conftest puts the session's count back
+    g = torch.Generator().manual_seed(8)
+    x = torch.randn(2, 64, 83, 79, generator=g, dtype=D)  # 13114 pixels: 8 tiles of 1640
+    w = torch.randn(48, 64 // groups, 3, 3, generator=g, dtype=D) * 0.1
+    b = torch.randn(48, generator=g, dtype=D)
+    off = torch.randn(2, 18, 83, 79, generator=g, dtype=D) * 2
+    mask = torch.rand(2, 9, 83, 79, generator=g, dtype=D)
+    _float32_vs_float64(x, off, w, b, mask, dict(stride=1, padding=1, dilation=1))
+
+
 def test_backward_is_deterministic():
     torch.manual_seed(0)
     x = torch.randn(2, 64, 20, 24, requires_grad=True)

@@ -389,6 +389,15 @@ at::Tensor channels_last_as(at::ScalarType ct, const at::Tensor& t, ScratchSlot 
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+// DCNV2_FWD_SPLIT=inner keeps the forward's parallelism inside each tile (benchmarks, debugging)
+bool fwd_tile_parallel() {
+  static const bool on = [] {
+    const char* env = std::getenv("DCNV2_FWD_SPLIT");
+    return !(env && std::string(env) == "inner");
+  }();
+  return on;
+}
+
 int64_t column_budget() {
   static const int64_t budget = [] {
     const char* env = std::getenv("DCNV2_TILE_BYTES");  // tuning knob for benchmarks
@@ -684,21 +693,29 @@ at::Tensor deform_conv2d_forward_cpu(const at::Tensor& input, const at::Tensor& 
   const at::Tensor off_r = rows(offset, ct);
   const at::Tensor mask_r = mask ? rows(*mask, ct) : at::Tensor();
   const at::Tensor wmat = weight_matrix(weight, g, ct);
-  const int64_t P = tile_pixels(g, at::elementSize(ct));
-  at::Tensor col = scratch(kScratchColumns, {P, g.G, g.K * g.Cg()}, out.options());
+  const int64_t NL = g.N * g.L;
+  const int64_t threads = at::in_parallel_region() ? 1 : at::get_num_threads();
+  const int64_t P0 = tile_pixels(g, at::elementSize(ct));
+  // Tile-parallel when there are tiles enough for every thread: each thread fills, multiplies and
+  // transposes its own tiles (its column tile stays in its own cache, and one thread's memory-bound fill
+  // overlaps another's GEMM), instead of three parallel regions with a barrier each per tile. The tiles
+  // are cut to a multiple of the thread count, all of one size, so the threads get equal shares.
+  const bool tile_parallel = threads > 1 && fwd_tile_parallel() && NL >= threads * 4 * kMinTilePixels;
+  const int64_t P = tile_parallel ? ceil_div(NL, ceil_div(ceil_div(NL, P0), threads) * threads) : P0;
   const at::Tensor x_cl = channels_last_as(ct, input);
   // The GEMM writes pixel-major rows [np, Cout]: on the CPUs measured this layout runs markedly faster
   // than writing the strided [Cout, np] slice of the output directly; one transposing copy follows.
   std::vector<RowGemm> gemm;
-  for (int64_t grp = 0; grp < g.G; ++grp) gemm.emplace_back(wmat[grp], P, ceil_div(g.N * g.L, P));
+  for (int64_t grp = 0; grp < g.G; ++grp) gemm.emplace_back(wmat[grp], P, ceil_div(NL, P));
   const bool has_bias = bias && bias->defined();
   const at::Tensor bias_c = has_bias ? bias->to(ct).contiguous() : at::Tensor();
 
   AT_DISPATCH_FLOATING_TYPES(ct, "dcnv2_deform_conv2d_forward", [&] {
     TapReader<scalar_t> taps{g, off_r.data_ptr<scalar_t>(), mask ? mask_r.data_ptr<scalar_t>() : nullptr};
-    const int64_t NL = g.N * g.L;
-    for (int64_t q0 = 0; q0 < NL; q0 += P) {
-      const int64_t q1 = std::min(NL, q0 + P), np = q1 - q0;
+    // fill, GEMM and transpose of the tile of pixels [q0, q1) into col (the nested parallel loops of a
+    // tile-parallel call run inline, on the calling thread)
+    auto run_tile = [&](int64_t q0, int64_t q1, at::Tensor& col) {
+      const int64_t np = q1 - q0;
       fill_columns<scalar_t>(g, taps, x_cl.data_ptr<scalar_t>(), q0, q1, col.data_ptr<scalar_t>());
       for (int64_t grp = 0; grp < g.G; ++grp) {
         const at::Tensor cols = col.narrow(0, 0, np).select(1, grp);     // [np, K*Cg]
@@ -707,6 +724,17 @@ at::Tensor deform_conv2d_forward_cpu(const at::Tensor& input, const at::Tensor& 
         rows_to_channels<scalar_t>(res.data_ptr<scalar_t>(), q0, np, g.Coutg(), dst, g.Cout, g.L,
                                    has_bias ? bias_c.data_ptr<scalar_t>() + grp * g.Coutg() : nullptr);
       }
+    };
+    if (tile_parallel) {
+      at::parallel_for(0, ceil_div(NL, P), 1, [&](int64_t t0, int64_t t1) {
+        at::Tensor col = scratch(kScratchColumns, {P, g.G, g.K * g.Cg()}, out.options());  // this thread's
+        for (int64_t t = t0; t < t1; ++t) run_tile(t * P, std::min(NL, (t + 1) * P), col);
+      });
+      return;
+    }
+    at::Tensor col = scratch(kScratchColumns, {P, g.G, g.K * g.Cg()}, out.options());
+    for (int64_t q0 = 0; q0 < NL; q0 += P) {
+      run_tile(q0, std::min(NL, q0 + P), col);
     }
   });
   return out.to(input.scalar_type());
