@@ -204,8 +204,8 @@ def test_figure_refuses_places_outside_the_image(setup, where, words):
 def test_figure_clips_a_box_partly_outside_and_says_so(setup):
     root, ckpts = setup
     image = sorted((root / "data" / "val").glob("*.png"))[0]
-    proc = _cli_in_process("analyze", "figure", "--checkpoint", str(ckpts["mdconv-c3c5-mdpool"]), "--image", str(image),
-                "--out", str(root / "clipped.png"), "--box", "40,-10,90,30", *FAST)
+    proc = _cli_in_process("analyze", "figure", "--checkpoint", str(ckpts["mdconv-c3c5-mdpool"]), "--image",
+                           str(image), "--out", str(root / "clipped.png"), "--box", "40,-10,90,30", *FAST)
     assert proc.returncode == 0, proc.stderr
     assert "box (40, 0, 64, 30, clipped to the image)" in proc.stdout
     assert "nan" not in proc.stdout.lower() and (root / "clipped.png").is_file()
@@ -272,8 +272,8 @@ def test_commands_refuse_a_checkpoint_of_the_wrong_kind_and_an_unusable_out(setu
         assert proc.returncode == 2 and "holds a classifier" in proc.stderr and "Traceback" not in proc.stderr
     blocker = tmp_path / "a_file"
     blocker.write_text("x")
-    proc = _cli_in_process("analyze", "figure", "--checkpoint", str(ckpts["regular"]), "--image", str(image), "--node", "5,5",
-                "--out", str(blocker / "fig.png"), *FAST)
+    proc = _cli_in_process("analyze", "figure", "--checkpoint", str(ckpts["regular"]), "--image", str(image),
+                           "--node", "5,5", "--out", str(blocker / "fig.png"), *FAST)
     assert proc.returncode == 2 and f"--out's folder {str(blocker)!r} cannot be created" in proc.stderr
     # 16-bit grayscale reads as its picture (white stays white), not clipped to 255 everywhere
     Image.fromarray(np.arange(0, 65536, 16, dtype=np.uint16).reshape(64, 64)).save(tmp_path / "g16.png")

@@ -6,7 +6,9 @@
 // a tile may span several images, so small maps (a batch of 64 crops at 3x3) still make GEMMs of
 // hundreds of rows instead of one tiny GEMM per image. One GEMM per tile and group, producing
 // pixel-major rows (oneDNN for float32, see RowGemm) that one transposing copy puts into NCHW. The
-// tile boundaries depend on the shapes only (not on the thread count).
+// backward's tile boundaries depend on the shapes only (not on the thread count); a float32/float64
+// forward with several threads cuts its tiles to a multiple of the thread count and gives each thread
+// its own share (see deform_conv2d_forward_cpu).
 //
 // Backward recomputes the column tile (for grad_weight), forms grad_col with one GEMM and then makes
 // one fused pass per (pixel, tap) that scatters grad_input and takes the four corner dot products
@@ -696,10 +698,11 @@ at::Tensor deform_conv2d_forward_cpu(const at::Tensor& input, const at::Tensor& 
   const int64_t NL = g.N * g.L;
   const int64_t threads = at::in_parallel_region() ? 1 : at::get_num_threads();
   const int64_t P0 = tile_pixels(g, at::elementSize(ct));
-  // Tile-parallel when there are tiles enough for every thread: each thread fills, multiplies and
-  // transposes its own tiles (its column tile stays in its own cache, and one thread's memory-bound fill
-  // overlaps another's GEMM), instead of three parallel regions with a barrier each per tile. The tiles
-  // are cut to a multiple of the thread count, all of one size, so the threads get equal shares.
+  // Tile-parallel when every thread gets at least 4 * kMinTilePixels output pixels: each thread fills,
+  // multiplies and transposes its own tiles (its column tile stays in its own cache, and one thread's
+  // memory-bound fill overlaps another's GEMM), instead of three parallel regions with a barrier each per
+  // tile. The tiles are cut to a multiple of the thread count, all of one size, so the threads get equal
+  // shares.
   const bool tile_parallel = threads > 1 && fwd_tile_parallel() && NL >= threads * 4 * kMinTilePixels;
   const int64_t P = tile_parallel ? ceil_div(NL, ceil_div(ceil_div(NL, P0), threads) * threads) : P0;
   const at::Tensor x_cl = channels_last_as(ct, input);
