@@ -11,7 +11,7 @@ import torch
 from dcnv2.cli import main
 
 TINY = ["--num-train", "24", "--num-val", "6", "--image-size", "64", "--examples", "2", "--threads", "1",
-        "--backbone", "resnet18", "--batch-size", "2"]
+        "--backbone", "resnet18", "--batch-size", "2", "--pretrain-batch-size", "8"]
 
 
 def _read_categories(data_dir: Path):
@@ -161,3 +161,18 @@ def test_demo_reports_phases_its_time_limit_stopped(tmp_path, capsys, monkeypatc
     assert summary["stopped_early"] and summary["iterations"] < 5
     assert summary["pretrain"]["stopped_early"] and summary["pretrain"]["iterations"] < 4
     assert "(stopped early)" in (out / "ap_table.md").read_text()
+    # the analysis figure's reserve is read off the same clock: no time is left for it, and the demo says so
+    assert "spatial-support analysis figure skipped" in printed and not (out / "analysis.png").exists()
+
+
+@pytest.mark.parametrize("bad, message", [
+    (["--iters", "0"], "--iters: 0 is below 1"), (["--pretrain-iters", "-1"], "--pretrain-iters: -1 is below 0"),
+    (["--batch-size", "-2"], "--batch-size: -2 is below 1"), (["--pretrain-batch-size", "0"], "is below 1"),
+    (["--minutes", "nan"], "--minutes: nan is not a positive finite number"), (["--lr", "x"], "'x' is not a number"),
+    (["--image-size", "8"], "--image-size: 8 is below 32"), (["--num-val", "0"], "--num-val: 0 is below 1")])
+def test_bad_numbers_are_refused_before_anything_runs(tmp_path, capsys, bad, message):
+    out = tmp_path / "demo"
+    with pytest.raises(SystemExit) as exc:
+        main(["demo", "--out", str(out)] + bad)
+    assert exc.value.code == 2 and message in capsys.readouterr().err
+    assert not out.exists()  # no data written, no model trained

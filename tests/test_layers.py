@@ -9,6 +9,7 @@ from __future__ import annotations
 import ast
 import importlib
 import pkgutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -129,3 +130,29 @@ def test_old_module_paths_alias_the_moved_modules():
     from dcnv2.models import ModelSpec as spec_class, build_model as builder
 
     assert (ModelSpec, build_model) == (spec_class, builder)
+
+
+def test_the_layers_import_without_the_compiler_stack():
+    """``import dcnv2.nn`` (the layers a user drops into a model) does not import ``torch._dynamo``: that costs
+    about 2 s on a 2-core machine at every process start, and nothing at import time needs it."""
+    code = "import sys, dcnv2, dcnv2.nn; print('torch._dynamo' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
+
+
+def test_the_backend_choice_carries_dynamos_constant_mark():
+    """The CUDA backend choice is marked exactly as ``torch._dynamo.assume_constant_result`` marks a function
+    (so torch.compile traces it as a constant); a torch that changes its mark fails here."""
+    import torch._dynamo
+
+    from dcnv2.ops import triton as triton_ops
+
+    probe = torch._dynamo.assume_constant_result(lambda: 0)
+    assert getattr(probe, triton_ops.CONSTANT_MARK) is True
+    assert getattr(triton_ops.resolve_cuda_backend, triton_ops.CONSTANT_MARK) is True
+
+    @triton_ops._constant
+    def later():  # with torch._dynamo imported, the choice goes through the public decorator
+        return 1
+
+    assert getattr(later, triton_ops.CONSTANT_MARK) is True

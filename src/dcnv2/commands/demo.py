@@ -9,6 +9,30 @@ from dcnv2.experiments.demo import DEMO_ITERS, DEMO_PRETRAIN_ITERS
 DEFAULT_PRESETS = ("regular", "mdconv-c3c5-mdpool")
 
 
+def _at_least(minimum: int):
+    """An argparse type: an integer >= ``minimum`` (checked before any data is written or any model trains)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{value} is below {minimum}")
+        return value
+    parse.__name__ = f"integer >= {minimum}"
+    return parse
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"{text} is not a positive finite number")
+    return value
+
+
 def add_parser(sub) -> None:
     p = sub.add_parser(
         "demo", help="train regular and DCNv2 detectors on synthetic data on one fixed schedule, compare their AP",
@@ -21,14 +45,14 @@ def add_parser(sub) -> None:
                     "and says so. Plots (loss curves, detections, spatial support) go to --out.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--out", default="outputs/demo", help="output directory (data, runs, plots, tables)")
-    p.add_argument("--minutes", type=float, default=14.0,
+    p.add_argument("--minutes", type=_positive_float, default=14.0,
                    help="time limit of the whole demo (data, both trainings, evaluation, plots): phases that "
                         "would overrun it stop early and are reported (with --fit-budget: the budget the schedule "
                         "is fitted to)")
     p.add_argument("--presets", nargs="+", default=list(DEFAULT_PRESETS), help="models to compare")
-    p.add_argument("--iters", type=int, default=None,
+    p.add_argument("--iters", type=_at_least(1), default=None,
                    help="detector iterations per model (default: the demo's schedule, %d)" % DEMO_ITERS)
-    p.add_argument("--pretrain-iters", type=int, default=None,
+    p.add_argument("--pretrain-iters", type=_at_least(0), default=None,
                    help="crop pre-training iterations per model (default: the demo's schedule, %d; 0: detectors "
                         "from scratch)" % DEMO_PRETRAIN_ITERS)
     p.add_argument("--fit-budget", action="store_true",
@@ -44,14 +68,16 @@ def add_parser(sub) -> None:
                    "`dcnv2 data synth`)")
     p.add_argument("--seed", type=int, default=0, help="training seed (initialisation, data order, sampling)")
     p.add_argument("--data-seed", type=int, default=0, help="seed of the synthetic data set")
-    p.add_argument("--num-train", type=int, default=1600, help="synthetic training images")
-    p.add_argument("--num-val", type=int, default=400, help="synthetic validation images")
-    p.add_argument("--image-size", type=int, default=128)
+    p.add_argument("--num-train", type=_at_least(1), default=1600, help="synthetic training images")
+    p.add_argument("--num-val", type=_at_least(1), default=400, help="synthetic validation images")
+    p.add_argument("--image-size", type=_at_least(32), default=128)
     p.add_argument("--backbone", default="resnet18")
-    p.add_argument("--batch-size", type=int, default=None, help="default: the recipe's")
-    p.add_argument("--lr", type=float, default=None, help="default: the recipe's")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
-    p.add_argument("--examples", type=int, default=6, help="validation images drawn in detections.png")
+    p.add_argument("--batch-size", type=_at_least(1), default=None, help="default: the recipe's")
+    p.add_argument("--lr", type=_positive_float, default=None, help="default: the recipe's")
+    p.add_argument("--pretrain-batch-size", type=_at_least(1), default=None,
+                   help="crop pre-training batch (default: the recipe's, 64)")
+    p.add_argument("--threads", type=_at_least(1), default=None, help="torch threads (default: all cores)")
+    p.add_argument("--examples", type=_at_least(0), default=6, help="validation images drawn in detections.png")
     p.add_argument("--score-threshold", type=float, default=0.5, help="detections drawn in detections.png")
     p.set_defaults(func=run)
 
