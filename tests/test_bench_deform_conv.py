@@ -74,6 +74,7 @@ def test_peer_mode_names_the_missing_package(monkeypatch, capsys):
         bench.peer_runners(x, w, off, mask, threads=1)
 
 
+@pytest.mark.slow  # the benchmark script in a subprocess (~10 s)
 def test_small_map_and_gradient_modes_print_their_tables():
     out = run_bench("--small", "--grads", "--threads", "1")
     assert "fwd+bwd ours/dense" in out

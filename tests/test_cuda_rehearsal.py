@@ -7,9 +7,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow  # a pytest run of tests/test_cuda.py in a subprocess (~10 s)
 def test_cuda_tests_pass_when_rehearsed_on_the_cpu():
     env = dict(os.environ, DCNV2_CUDA_TESTS_ON_CPU="1")
     proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_cuda.py"],

@@ -122,7 +122,8 @@ def test_train_cls_refuses_a_broken_set_before_training(clean_set, tmp_path):
 
 
 # workers=1 (the error raised in a DataLoader worker process) is the slow variant: three CLI runs in subprocesses
-@pytest.mark.parametrize("workers", ["0", pytest.param("1", marks=pytest.mark.slow)])
+@pytest.mark.slow  # a classifier trained until a file breaks, then resumed (~25 s per variant)
+@pytest.mark.parametrize("workers", ["0", "1"])
 def test_a_file_corrupted_during_training_stops_the_run_and_resume_continues(clean_set, tmp_path, workers):
     data = copy_of(clean_set, tmp_path)
     run = tmp_path / "run"

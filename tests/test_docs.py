@@ -24,6 +24,7 @@ MISSING = [name for name in ("mkdocs", "material", "mkdocstrings", "mkdocstrings
 
 
 @pytest.mark.skipif(bool(MISSING), reason=f"docs tools not installed ({', '.join(MISSING)}): pip install -e '.[docs]'")
+@pytest.mark.slow  # the whole mkdocs site with its API pages (~12 s)
 def test_docs_build_strict(tmp_path):
     env = dict(os.environ, NO_MKDOCS_2_WARNING="1", OMP_NUM_THREADS="1")
     out = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(tmp_path / "site")],

@@ -56,6 +56,7 @@ def test_resume_with_mimicking_matches_uninterrupted_run(tmp_path):
     assert [r["loss_mimic"] for r in _log(tmp_path / "part")] == [r["loss_mimic"] for r in _log(tmp_path / "full")]
 
 
+@pytest.mark.slow  # bfloat16 autocast training with the mimicking branch (~5-9 s)
 def test_amp_with_mimicking(tmp_path):
     model = tiny_mimic_detector()
     before = params_vector(model).clone()
@@ -100,6 +101,7 @@ def test_torchrun_two_processes_with_mimicking(tmp_path):
     assert all("loss_mimic" in r for r in _log(out)) and len(_log(out)) == 2
 
 
+@pytest.mark.slow  # the train and eval commands with mimicking (~12 s); the engine-level mimicking tests stay in make test
 def test_cli_train_with_mimicking_then_eval(tmp_path, capsys):
     from dcnv2.cli import build_parser, main
     from dcnv2.commands.train import mimic_options

@@ -92,6 +92,7 @@ def test_scalar_tags_skip_coordinates_text_and_non_finite_values():
     assert tbmod.scalar_tags(rec) == {"train/loss": 1.5, "train/lr": 0.01}
 
 
+@pytest.mark.slow  # a detector trained, evaluated and drawn through the CLI (~10 s)
 def test_train_cli_eval_adds_ap_and_an_image_of_detections(tmp_path, capsys):
     pytest.importorskip("tensorboard")
     from dcnv2.data import synthetic

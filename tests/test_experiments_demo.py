@@ -18,6 +18,7 @@ def _read_categories(data_dir: Path):
     return json.loads((data_dir / "annotations" / "instances_val.json").read_text())["categories"]
 
 
+@pytest.mark.slow  # two models pre-trained, trained, evaluated and analysed (~50 s); the time-limit demo test stays in make test
 def test_demo_with_fixed_iterations_writes_every_output(tmp_path, capsys):
     out = tmp_path / "demo"
     assert main(["demo", "--out", str(out), "--iters", "3", "--pretrain-iters", "2", "--minutes", "30"] + TINY) == 0

@@ -85,6 +85,7 @@ def test_fpn_roi_pooling_traced_on_one_level_pools_every_level(kind):
         torch.testing.assert_close(run_onnx(session, *inputs)[0], expected, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.slow  # torch.export of a whole detector (~10 s); the ONNX export of every preset stays in make test
 def test_torch_export_detector_runs_the_same(tmp_path):
     """DCNv2 convs and mdpool; exported with free (square) sizes, saved, loaded, run at two sizes."""
     model = _detector("mdconv-c3c5-mdpool")

@@ -51,7 +51,7 @@ def test_preset_converts_to_openvino_and_gives_pytorchs_detections(preset, tmp_p
         run_openvino(compiled, torch.rand(3, SIZE, 48))  # the IR takes the traced size only
 
 
-@pytest.mark.parametrize("kind", ["align", "mdpool"])
+@pytest.mark.parametrize("kind", [pytest.param("align", marks=pytest.mark.slow), "mdpool"])  # align: ~7 s
 def test_fpn_roi_pooling_traced_on_one_level_pools_every_level(kind):
     """Traced with every RoI on the first FPN level, run with RoIs on both and other RoI counts: none is lost."""
     layer = LevelPool(kind).eval()
@@ -98,6 +98,7 @@ def test_bad_requests_are_errors_naming_the_argument(tmp_path, capsys):
     assert "--out must name the IR's .xml file" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # an R-18-FPN detector through OpenVINO's converter (~25 s); the layer-level conversions stay in make test
 def test_cli_export_openvino_writes_and_verifies(tmp_path, capsys):
     from dcnv2.cli import main
 

@@ -238,6 +238,7 @@ def count(model):
     return count_parameters(model)
 
 
+@pytest.mark.slow  # every preset built at R-50 size and counted (~10-17 s)
 def test_parameter_deltas_match_table_1():
     """Faster R-CNN R-50 (paper detector, 81 classes) against `regular`, from the paper's description:
     offset convs 2·9 (DCNv1) or 3·9 (DCNv2) channels per 3x3 conv; dpool fc 7·7·256 -> 2·49; mdpool

@@ -248,6 +248,7 @@ def test_detectron2_pkl_is_read_and_hostile_pickles_are_refused(tmp_path):
 
 
 # -- function-preserving conversion to DCNv2 ---------------------------------------------------------------
+@pytest.mark.slow  # an R-50-FPN detector converted and run twice (~15 s)
 def test_to_mdconv_c3c5_mdpool_preserves_the_detector_and_default_init_halves():
     from torchvision.models import resnet50
     from torchvision.models.detection import FasterRCNN
