@@ -192,7 +192,30 @@ def test_float32_tile_parallel_forward(groups):
     b = torch.randn(48, generator=g, dtype=D)
     off = torch.randn(2, 18, 83, 79, generator=g, dtype=D) * 2
     mask = torch.rand(2, 9, 83, 79, generator=g, dtype=D)
+    counts = torch.ops.dcnv2._deform_conv2d_forward_counts
+    counts(x, True)
     _float32_vs_float64(x, off, w, b, mask, dict(stride=1, padding=1, dilation=1))
+    tile_parallel, tile_serial, tiles = counts(x, True).tolist()
+    assert (tile_parallel, tile_serial) == (2, 0) and tiles >= 2 * 2  # both forwards, each thread its tiles
+
+
+@pytest.mark.skipif(not HAS_NATIVE, reason="the C++ extension is not built")
+@pytest.mark.parametrize("threads, pixels, split", [(1, 40 * 40, "serial"), (2, 40 * 40, "parallel"),
+                                                    (2, 20 * 20, "serial")])
+def test_forward_split_follows_the_thread_count_and_the_size(threads, pixels, split):
+    """One thread, or fewer than 4 * 64 output pixels per thread, runs the tiles one after another
+    (parallel inside each tile); otherwise each thread runs its own tiles. Both give the same output."""
+    torch.set_num_threads(threads)  # conftest puts the session's count back
+    side = int(pixels ** 0.5)
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(1, 8, side, side, generator=g)
+    w = torch.randn(4, 8, 3, 3, generator=g)
+    off = torch.randn(1, 18, side, side, generator=g)
+    counts = torch.ops.dcnv2._deform_conv2d_forward_counts
+    counts(x, True)
+    out = deform_conv2d(x, off, w, padding=1)
+    assert counts(x, True).tolist()[:2] == ([1, 0] if split == "parallel" else [0, 1])
+    torch.testing.assert_close(out, reference.deform_conv2d(x, off, w, padding=(1, 1)), rtol=1e-5, atol=1e-5)
 
 
 def test_backward_is_deterministic():

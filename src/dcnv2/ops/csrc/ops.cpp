@@ -18,6 +18,8 @@ TORCH_LIBRARY(dcnv2, m) {
   // The CPU backward's pass counters (column fills, grad_w GEMMs, grad_col GEMMs, scatter passes,
   // offset-only passes): tests check which passes a pruned backward ran.
   m.def("_deform_conv2d_backward_counts(Tensor device_of, bool reset=False) -> Tensor");
+  // The CPU float32/float64 forward's counters (tile-parallel calls, tile-serial calls, tiles run).
+  m.def("_deform_conv2d_forward_counts(Tensor device_of, bool reset=False) -> Tensor");
   // Modulated deformable RoI pooling (DCNv2); offset=None and mask=None is RoIAlign.
   m.def(
       "deform_roi_pool(Tensor input, Tensor rois, Tensor? offset, Tensor? mask, int pooled_height, "

@@ -391,6 +391,11 @@ at::Tensor channels_last_as(at::ScalarType ct, const at::Tensor& t, ScratchSlot 
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+// How the float32/float64 forwards ran since the last reset (tests check which split a call took):
+// [0] calls with tile-parallel threads (each thread its own tiles), [1] calls with the tiles one after
+// another (parallel inside each tile), [2] tiles run by all calls.
+std::atomic<int64_t> g_forward_counts[3];
+
 // DCNV2_FWD_SPLIT=inner keeps the forward's parallelism inside each tile (benchmarks, debugging)
 bool fwd_tile_parallel() {
   static const bool on = [] {
@@ -719,6 +724,7 @@ at::Tensor deform_conv2d_forward_cpu(const at::Tensor& input, const at::Tensor& 
     // tile-parallel call run inline, on the calling thread)
     auto run_tile = [&](int64_t q0, int64_t q1, at::Tensor& col) {
       const int64_t np = q1 - q0;
+      ++g_forward_counts[2];
       fill_columns<scalar_t>(g, taps, x_cl.data_ptr<scalar_t>(), q0, q1, col.data_ptr<scalar_t>());
       for (int64_t grp = 0; grp < g.G; ++grp) {
         const at::Tensor cols = col.narrow(0, 0, np).select(1, grp);     // [np, K*Cg]
@@ -728,6 +734,7 @@ at::Tensor deform_conv2d_forward_cpu(const at::Tensor& input, const at::Tensor& 
                                    has_bias ? bias_c.data_ptr<scalar_t>() + grp * g.Coutg() : nullptr);
       }
     };
+    ++g_forward_counts[tile_parallel ? 0 : 1];
     if (tile_parallel) {
       at::parallel_for(0, ceil_div(NL, P), 1, [&](int64_t t0, int64_t t1) {
         at::Tensor col = scratch(kScratchColumns, {P, g.G, g.K * g.Cg()}, out.options());  // this thread's
@@ -935,12 +942,19 @@ at::Tensor backward_counts(const at::Tensor& device_of, bool reset) {
   return out;
 }
 
+at::Tensor forward_counts(const at::Tensor& device_of, bool reset) {
+  at::Tensor out = at::empty({3}, device_of.options().dtype(at::kLong));
+  for (int i = 0; i < 3; ++i) out[i] = reset ? g_forward_counts[i].exchange(0) : g_forward_counts[i].load();
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(dcnv2, CPU, m) {
   m.impl("deform_conv2d", &deform_conv2d_forward_cpu);
   m.impl("_deform_conv2d_backward", &deform_conv2d_backward_cpu);
   m.impl("_deform_conv2d_backward_counts", &backward_counts);
+  m.impl("_deform_conv2d_forward_counts", &forward_counts);
 }
 
 }  // namespace dcnv2
