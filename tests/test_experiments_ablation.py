@@ -21,6 +21,7 @@ def test_pretrained_recipe_runs_writes_table_and_reuses_finished_runs(tmp_path):
         saved = json.loads(stamp.read_text())
         assert saved["iterations"] == 2 and saved["pretrain_iters"] == 1 and saved["threads"] == 1
         assert 0.0 <= saved["metrics"]["bbox"]["AP"] <= 1.0
+        assert saved["machine"]["isa"] == torch.backends.cpu.get_cpu_capability() and saved["machine"]["torch"]
         assert (tmp_path / "runs" / "seed0" / name / name / "model_final.pth").exists()
     # the two presets have the same trunk: one crop pre-training, reused by the second
     assert len(list((tmp_path / "pretrain").iterdir())) == 1

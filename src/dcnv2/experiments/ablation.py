@@ -48,6 +48,22 @@ def _spread(values: Sequence[float]) -> str:
     return f"{mean:.1f} ± {(max(values) - min(values)) / 2:.1f}"
 
 
+def _machine() -> Dict[str, Any]:
+    """Where a run ran: its numbers are reproducible per seed only on the same CPU kind and vector ISA (the
+    GEMM kernels differ between AVX2, AVX-512 and AMX), so each result records them."""
+    import platform
+
+    cpu = platform.processor() or ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"cpu": cpu, "isa": torch.backends.cpu.get_cpu_capability(), "torch": torch.__version__}
+
+
 def run_pretrained_ablation(presets: Sequence[str], seeds: Sequence[int], out, *, iters: Optional[int] = None,
                             pretrain_iters: Optional[int] = None, num_train: int = 1600, num_val: int = 400,
                             image_size: int = 128, data_seed: int = 0, mimic: Optional[Dict[str, Any]] = None,
@@ -120,7 +136,7 @@ def run_pretrained_ablation(presets: Sequence[str], seeds: Sequence[int], out, *
             done = {"preset": preset, "mimic": mimic or {}, **schedule, "metrics": r["metrics"],
                     "iterations": r["iterations"], "pretrain": r["pretrain"], "train_s": r["train_s"],
                     "eval_s": r["eval_s"], "pretrain_s": r["pretrain_s"], "params": r["params"],
-                    "run_dir": r["run_dir"], "wall_s": time.perf_counter() - t0}
+                    "run_dir": r["run_dir"], "wall_s": time.perf_counter() - t0, "machine": _machine()}
             stamp.write_text(json.dumps(done, indent=2))
             results[seed][name] = done
     return results
