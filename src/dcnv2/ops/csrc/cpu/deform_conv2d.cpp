@@ -936,16 +936,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> deform_co
 }
 
 // returns the counters (and zeroes them with reset); the argument only routes the call to the CPU
-at::Tensor backward_counts(const at::Tensor& device_of, bool reset) {
-  at::Tensor out = at::empty({5}, device_of.options().dtype(at::kLong));
-  for (int i = 0; i < 5; ++i) out[i] = reset ? g_backward_counts[i].exchange(0) : g_backward_counts[i].load();
+template <size_t N>
+at::Tensor read_counts(std::atomic<int64_t> (&counts)[N], const at::Tensor& device_of, bool reset) {
+  at::Tensor out = at::empty({static_cast<int64_t>(N)}, device_of.options().dtype(at::kLong));
+  for (size_t i = 0; i < N; ++i) out[i] = reset ? counts[i].exchange(0) : counts[i].load();
   return out;
 }
 
+at::Tensor backward_counts(const at::Tensor& device_of, bool reset) {
+  return read_counts(g_backward_counts, device_of, reset);
+}
+
 at::Tensor forward_counts(const at::Tensor& device_of, bool reset) {
-  at::Tensor out = at::empty({3}, device_of.options().dtype(at::kLong));
-  for (int i = 0; i < 3; ++i) out[i] = reset ? g_forward_counts[i].exchange(0) : g_forward_counts[i].load();
-  return out;
+  return read_counts(g_forward_counts, device_of, reset);
 }
 
 }  // namespace
