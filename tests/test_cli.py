@@ -91,7 +91,10 @@ def test_train_eval_predict_end_to_end(tiny_synthetic, tmp_path, capsys):
     common = ["--preset", "mdconv-c3c5-mdpool", "--backbone", "resnet18", "--fpn", "--min-size", "64", "--max-size", "64"]
     argv = ["train", "--data", str(tiny_synthetic), "--out", str(run), *common, "--max-iters", "2", "--batch-size", "2",
             "--warmup-iters", "1", "--lr-steps", "--workers", "0", "--checkpoint-every", "1", "--no-progress",
-            "--model-arg", "rpn_post_nms_top_n_train=100", "--model-arg", "box_batch_size_per_image=32"]
+            "--model-arg", "rpn_post_nms_top_n_train=100", "--model-arg", "box_batch_size_per_image=32",
+            # narrow heads: the commands' plumbing is the point here, not the paper's 1024-wide fc layers
+            "--model-arg", "feature_channels=16", "--model-arg", "representation_size=32",
+            "--model-arg", "mdpool_hidden=16"]
     assert main(argv) == 0, capsys.readouterr().err
     assert (run / "checkpoint_last.pth").is_file() and (run / "model_final.pth").is_file()
     assert main(["eval", "--checkpoint", str(run / "model_final.pth"), "--data", str(tiny_synthetic),

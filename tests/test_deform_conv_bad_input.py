@@ -1,14 +1,11 @@
 """Malformed calls to deform_conv2d raise clear errors; hostile values never crash the process."""
 from __future__ import annotations
 
-import subprocess
-import sys
-import textwrap
-
 import pytest
 import torch
 
 from dcnv2.ops import deform_conv2d
+from isolated import run_isolated_cases
 
 
 def good():
@@ -150,9 +147,14 @@ CRASHERS = {
 }
 
 
+@pytest.fixture(scope="module")
+def crasher_outcomes():
+    """All the crash-prone snippets in one child process (a crash fails only its own snippet)."""
+    return run_isolated_cases(CRASHERS, prelude="import torch\nfrom dcnv2.ops import deform_conv2d\n")
+
+
 @pytest.mark.parametrize("name", list(CRASHERS))
-def test_crash_prone_inputs_exit_cleanly(name):
-    code = "import torch\nfrom dcnv2.ops import deform_conv2d\n" + textwrap.dedent(CRASHERS[name])
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, f"{name}: exit {proc.returncode}\n{proc.stderr[-2000:]}"
-    assert proc.stdout.strip().endswith("ok"), proc.stdout
+def test_crash_prone_inputs_exit_cleanly(name, crasher_outcomes):
+    outcome = crasher_outcomes[name]
+    assert outcome.ok, f"{name}: {outcome.error}"
+    assert outcome.stdout.strip().endswith("ok"), outcome.stdout

@@ -2,16 +2,13 @@
 determinism, empty/degenerate RoIs and every malformed argument (crash-prone ones in a subprocess)."""
 from __future__ import annotations
 
-import subprocess
-import sys
-import textwrap
-
 import pytest
 import torch
 import torchvision
 
 from dcnv2.ops import deform_roi_pool, reference
 from dcnv2.ops._native import HAS_NATIVE
+from isolated import run_isolated_cases
 
 native = pytest.mark.skipif(not HAS_NATIVE, reason="the C++ extension is not built")
 
@@ -374,14 +371,9 @@ def test_native_op_checks_its_arguments(rois, words):
         assert w in str(info.value), f"{w!r} not in {info.value}"
 
 
-def run_isolated(code: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=120)
-
-
-def test_nan_box_fails_cleanly_where_roi_align_crashes():
-    # torchvision's roi_align segfaults (or reads garbage) on a NaN box with a fixed sampling ratio
-    proc = run_isolated(
-        """
+# crash-prone calls, run in one child process (a crash fails only its own snippet: tests/isolated.py)
+ISOLATED = {
+    "NaN and infinite boxes": """
         import torch
         from dcnv2.ops import deform_roi_pool
         x = torch.randn(1, 4, 16, 16)
@@ -403,15 +395,8 @@ def test_nan_box_fails_cleanly_where_roi_align_crashes():
             except ValueError as e:
                 print("rejected index", bad_index)
         print("clean exit")
-        """
-    )
-    assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.count("rejected ") == 9 and "clean exit" in proc.stdout, proc.stdout
-
-
-def test_hostile_offsets_and_masks_do_not_crash():
-    proc = run_isolated(
-        """
+        """,
+    "hostile offsets and masks": """
         import torch
         from dcnv2.ops import deform_roi_pool, reference
         torch.manual_seed(0)
@@ -435,10 +420,39 @@ def test_hostile_offsets_and_masks_do_not_crash():
         out = deform_roi_pool(x, rois, None, mask, 3)
         assert out[0, :, 0, 0].isnan().all() and torch.isfinite(out[1]).all()
         print("clean exit")
-        """
-    )
-    assert proc.returncode == 0, proc.stderr
-    assert "clean exit" in proc.stdout
+        """,
+    "coordinates overflowing after scaling": """
+        import torch
+        from dcnv2.ops import deform_roi_pool
+        x = torch.randn(1, 3, 8, 8, requires_grad=True)
+        for box in ([-3e38, -3e38, 3e38, 3e38], [3e38, 1, 3.3e38, 4], [-3.3e38, -3e38, 3.3e38, 3e38]):
+            for sr in (0, 2):
+                y = deform_roi_pool(x, torch.tensor([[0.0] + box]), output_size=2, spatial_scale=8.0,
+                                    sampling_ratio=sr)
+                assert torch.isfinite(y).all(), (box, sr, y)
+                y.sum().backward()
+                assert torch.isfinite(x.grad).all()
+        print("clean exit")
+        """,
+}
+
+
+@pytest.fixture(scope="module")
+def isolated_outcomes():
+    return run_isolated_cases(ISOLATED)
+
+
+def test_nan_box_fails_cleanly_where_roi_align_crashes(isolated_outcomes):
+    # torchvision's roi_align segfaults (or reads garbage) on a NaN box with a fixed sampling ratio
+    out = isolated_outcomes["NaN and infinite boxes"]
+    assert out.ok, out.error
+    assert out.stdout.count("rejected ") == 9 and "clean exit" in out.stdout, out.stdout
+
+
+def test_hostile_offsets_and_masks_do_not_crash(isolated_outcomes):
+    out = isolated_outcomes["hostile offsets and masks"]
+    assert out.ok, out.error
+    assert "clean exit" in out.stdout
 
 
 @native
@@ -456,22 +470,8 @@ def test_huge_adaptive_grid_skips_only_off_map_samples():
     assert got[0].abs().sum() > 0
 
 
-def test_coordinates_overflowing_after_scaling_do_not_crash():
+def test_coordinates_overflowing_after_scaling_do_not_crash(isolated_outcomes):
     # finite boxes whose scaled coordinates overflow float32 to inf: valid input, pooled as zeros
-    proc = run_isolated(
-        """
-        import torch
-        from dcnv2.ops import deform_roi_pool
-        x = torch.randn(1, 3, 8, 8, requires_grad=True)
-        for box in ([-3e38, -3e38, 3e38, 3e38], [3e38, 1, 3.3e38, 4], [-3.3e38, -3e38, 3.3e38, 3e38]):
-            for sr in (0, 2):
-                y = deform_roi_pool(x, torch.tensor([[0.0] + box]), output_size=2, spatial_scale=8.0,
-                                    sampling_ratio=sr)
-                assert torch.isfinite(y).all(), (box, sr, y)
-                y.sum().backward()
-                assert torch.isfinite(x.grad).all()
-        print("clean exit")
-        """
-    )
-    assert proc.returncode == 0, proc.stderr
-    assert "clean exit" in proc.stdout
+    out = isolated_outcomes["coordinates overflowing after scaling"]
+    assert out.ok, out.error
+    assert "clean exit" in out.stdout

@@ -34,7 +34,13 @@ def _check_onnx(model, images, **export_kw):
     return blob
 
 
-@pytest.mark.parametrize("preset", BASE_PRESETS)
+# these four cover every exported layer kind (conv, DCNv1 and DCNv2 convs; RoIAlign, RoIPool, dpool and mdpool);
+# the presets that only move deformable convs to other stages run in `make test-slow` (about 3 s each)
+EVERY_LAYER_KIND = ["regular", "regular-roipool", "dconv-c3c5-dpool", "mdconv-c3c5-mdpool"]
+
+
+@pytest.mark.parametrize("preset", [p if p in EVERY_LAYER_KIND else pytest.param(p, marks=pytest.mark.slow)
+                                    for p in BASE_PRESETS])
 def test_every_preset_exports_to_onnx_and_runs_the_same(preset):
     """The paper's (dilated conv5) Faster R-CNN of each preset: same detections in ONNX Runtime."""
     _check_onnx(_detector(preset), _synthetic_images(2), image_size=(SIZE, SIZE))
@@ -85,7 +91,7 @@ def test_fpn_roi_pooling_traced_on_one_level_pools_every_level(kind):
         torch.testing.assert_close(run_onnx(session, *inputs)[0], expected, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.slow  # torch.export of a whole detector (~10 s); the ONNX export of every preset stays in make test
+@pytest.mark.slow  # torch.export of a whole detector (~10 s); the ONNX export of every layer kind stays in make test
 def test_torch_export_detector_runs_the_same(tmp_path):
     """DCNv2 convs and mdpool; exported with free (square) sizes, saved, loaded, run at two sizes."""
     model = _detector("mdconv-c3c5-mdpool")

@@ -20,7 +20,12 @@ def _count_3x3(resnet: nn.Module, stages) -> int:
                if isinstance(m, nn.Conv2d) and tuple(m.kernel_size) == (3, 3))
 
 
-@pytest.mark.parametrize("backbone", list(BACKBONES))
+# the three deepest (4-8 s each, every preset built at full size) add no block kind that resnet18/34 (basic),
+# resnet50 (bottleneck) and resnext50_32x4d (grouped) don't have: they run in `make test-slow`
+DEEP = ("resnet101", "resnet152", "resnext101_32x8d")
+
+
+@pytest.mark.parametrize("backbone", [pytest.param(b, marks=pytest.mark.slow) if b in DEEP else b for b in BACKBONES])
 def test_every_depth_and_preset_builds_with_its_deformable_layers(backbone):
     plain = BACKBONES[backbone][0](weights=None)
     x = torch.randn(1, 3, 32, 32)

@@ -16,6 +16,9 @@ from dcnv2.nn import DeformConv2d, DeformRoIPool, ModulatedDeformConv2d, Modulat
 SMALL = dict(min_size=64, max_size=64, rpn_pre_nms_top_n_train=60, rpn_post_nms_top_n_train=30,
              rpn_pre_nms_top_n_test=60, rpn_post_nms_top_n_test=30, rpn_batch_size_per_image=1024,
              box_batch_size_per_image=16, box_detections_per_img=8, box_score_thresh=0.0)
+# narrow heads (FPN / conv5 1x1 width, 2fc width, mdpool hidden fc) for the tests whose point is not the paper's
+# widths: building and stepping a 1024-wide box head and mdpool branch is most of a small detector's cost
+NARROW = dict(feature_channels=32, representation_size=64, mdpool_hidden=32)
 NUM_CLASSES = 3
 
 
@@ -107,7 +110,7 @@ POOL_CLASS = {"roipool": RoIPooler, "align": RoIPooler, "dpool": DeformRoIPool, 
 @pytest.mark.parametrize("preset", [p for p in models.PRESETS if models.PRESETS[p].mimic == "none"] + ["dcnv2"])
 def test_every_preset_trains_and_predicts_paper_faster_rcnn(preset):
     torch.manual_seed(0)
-    model = models.faster_rcnn(preset=preset, backbone="resnet18", num_classes=NUM_CLASSES, **SMALL,
+    model = models.faster_rcnn(preset=preset, backbone="resnet18", num_classes=NUM_CLASSES, **SMALL, **NARROW,
                                mimic=dict(patch_size=32, rois_per_image=4))  # for the mimicking presets
     p = models.PRESETS[preset]
     assert (getattr(model, "mimic", None) is not None) == (p.mimic != "none")
@@ -130,7 +133,8 @@ def test_every_preset_trains_and_predicts_paper_faster_rcnn(preset):
 ])
 def test_fpn_and_mask_detectors_train_and_predict(builder, fpn, preset):
     torch.manual_seed(0)
-    model = getattr(models, builder)(preset=preset, backbone="resnet18", num_classes=NUM_CLASSES, fpn=fpn, **SMALL)
+    model = getattr(models, builder)(preset=preset, backbone="resnet18", num_classes=NUM_CLASSES, fpn=fpn, **SMALL,
+                                     **NARROW)
     masks = builder == "mask_rcnn"
     p = models.PRESETS[preset]
     names = ["0", "1", "2", "3"] if fpn else ["c5"]
@@ -144,7 +148,8 @@ def test_fpn_and_mask_detectors_train_and_predict(builder, fpn, preset):
 
 
 def test_paper_detector_structure():
-    model = models.faster_rcnn(preset="regular", backbone="resnet50", num_classes=81)
+    with torch.device("meta"):  # structure only: no weights allocated or initialised
+        model = models.faster_rcnn(preset="regular", backbone="resnet50", num_classes=81)
     assert isinstance(model.backbone, PaperBackbone)
     assert model.backbone.reduce.in_channels == 2048 and model.backbone.out_channels == 256
     assert isinstance(model.rpn, FeatureSelectingRPN) and model.rpn.in_features == ["c4"]
@@ -176,8 +181,8 @@ def test_dcnv1_with_zero_offsets_equals_the_regular_model(preset, builder, fpn):
     regular convs and the aligned RoIAlign compute, so the detections are the same."""
     torch.manual_seed(0)
     build = getattr(models, builder)
-    regular = build(preset="regular", backbone="resnet18", num_classes=NUM_CLASSES, fpn=fpn, **SMALL).eval()
-    dcn = build(preset=preset, backbone="resnet18", num_classes=NUM_CLASSES, fpn=fpn, **SMALL).eval()
+    regular = build(preset="regular", backbone="resnet18", num_classes=NUM_CLASSES, fpn=fpn, **SMALL, **NARROW).eval()
+    dcn = build(preset=preset, backbone="resnet18", num_classes=NUM_CLASSES, fpn=fpn, **SMALL, **NARROW).eval()
     missing, unexpected = dcn.load_state_dict(regular.state_dict(), strict=False)
     assert not unexpected and missing and all(".conv_offset." in k or ".offset_fc." in k for k in missing)
     images, _ = batch()
@@ -214,11 +219,11 @@ def test_weights_backbone_freezes_like_torchvision_but_offsets_train(tmp_path):
 
 
 def test_rcnn_features_give_the_2fc_feature_of_the_box_head():
-    """R-CNN feature mimicking needs the 1024-d 2fc feature of given boxes: ``rcnn_features`` computes it with
+    """R-CNN feature mimicking needs the 2fc feature (1024-d by default) of given boxes: ``rcnn_features`` computes it with
     the detector's own box pooling and box head, as the detector's forward does for its proposals."""
     torch.manual_seed(0)
     model = models.faster_rcnn(preset="mdconv-c3c5-mdpool", backbone="resnet18", num_classes=NUM_CLASSES,
-                               **SMALL).eval()
+                               **SMALL, **NARROW).eval()
     seen = {}
     model.roi_heads.register_forward_pre_hook(lambda m, args: seen.update(feats=args[0], props=args[1],
                                                                           shapes=args[2]))
@@ -227,7 +232,7 @@ def test_rcnn_features_give_the_2fc_feature_of_the_box_head():
     with torch.no_grad():
         model(images)
         f = model.rcnn_features(seen["feats"], seen["props"], seen["shapes"])
-    assert f.shape == (sum(len(p) for p in seen["props"]), 1024)
+    assert f.shape == (sum(len(p) for p in seen["props"]), NARROW["representation_size"])
     torch.testing.assert_close(f, seen["fc"])
 
 
@@ -289,7 +294,9 @@ def test_small_widths_for_small_models(fpn):
     with torch.no_grad():
         out = model(batch()[0])
     assert len(out) == 2 and out[0]["masks"].shape[1:] == (1, 64, 64)
-    default = models.faster_rcnn(preset="mdconv-c3c5-mdpool", backbone="resnet18", num_classes=NUM_CLASSES, fpn=fpn)
+    with torch.device("meta"):  # the default widths' structure only: no weights allocated or initialised
+        default = models.faster_rcnn(preset="mdconv-c3c5-mdpool", backbone="resnet18", num_classes=NUM_CLASSES,
+                                     fpn=fpn)
     assert default.backbone.out_channels == 256 and default.roi_heads.box_head.fc7.out_features == 1024
 
 
@@ -325,10 +332,11 @@ def test_bad_anchor_sizes_are_refused(sizes, message):
 @pytest.mark.parametrize("preset", ["regular-roipool", "regular", "dconv-c3c5-dpool", "mdconv-c3c5-mdpool"])
 def test_roi_canonical_scale_reaches_every_pool(preset):
     """roi_canonical_scale sets the FPN level mapping of the box and mask RoI pooling, whatever the pool type."""
-    model = models.mask_rcnn(preset=preset, backbone="resnet18", num_classes=NUM_CLASSES, roi_canonical_scale=56)
+    model = models.mask_rcnn(preset=preset, backbone="resnet18", num_classes=NUM_CLASSES, roi_canonical_scale=56,
+                             **NARROW)
     for pool in (model.roi_heads.box_roi_pool, model.roi_heads.mask_roi_pool):
         assert pool.canonical_scale == 56 and pool.canonical_level == 4
-    default = models.faster_rcnn(preset=preset, backbone="resnet18", num_classes=NUM_CLASSES, fpn=True)
+    default = models.faster_rcnn(preset=preset, backbone="resnet18", num_classes=NUM_CLASSES, fpn=True, **NARROW)
     assert default.roi_heads.box_roi_pool.canonical_scale == 224
     with pytest.raises(ValueError, match="roi_canonical_scale"):
         models.faster_rcnn(preset=preset, backbone="resnet18", num_classes=NUM_CLASSES, roi_canonical_scale=0)

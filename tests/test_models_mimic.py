@@ -11,7 +11,7 @@ from dcnv2.models.mimic import (FeatureMimicking, MimicConfig, MimicRoIHeads, cr
                                 select_mimic_rois)
 from dcnv2.nn import ModulatedDeformConv2d, ModulatedDeformRoIPool
 
-from test_models_detection import NUM_CLASSES, SMALL, batch
+from test_models_detection import NARROW, NUM_CLASSES, SMALL, batch
 
 MIMIC_PRESETS = ["regular-mimic", "dcnv2", "dcnv2-fgbg", "dcnv2-bg"]
 SMALL_MIMIC = dict(patch_size=32, rois_per_image=4)
@@ -20,7 +20,7 @@ SMALL_MIMIC = dict(patch_size=32, rois_per_image=4)
 def build(preset, builder="faster_rcnn", fpn=False, seed=0, **kw):
     torch.manual_seed(seed)
     return getattr(models, builder)(preset=preset, backbone="resnet18", num_classes=NUM_CLASSES, fpn=fpn,
-                                    **SMALL, **kw)
+                                    **SMALL, **{**NARROW, **kw})
 
 
 # --- crops -------------------------------------------------------------------------------------------------

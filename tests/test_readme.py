@@ -21,7 +21,9 @@ RUN_TINY = {
     "dcnv2 data synth": ["--num-train", "4", "--num-val", "2", "--image-size", "64", "--no-preview", "--no-progress"],
     "dcnv2 train": ["--max-iters", "1", "--batch-size", "2", "--min-size", "64", "--max-size", "64", "--workers", "0",
                     "--no-progress", "--no-tensorboard", "--mimic-rois", "2", "--mimic-patch-size", "32",
-                    "--model-arg", "rpn_post_nms_top_n_train=100", "--model-arg", "box_batch_size_per_image=32"],
+                    "--model-arg", "rpn_post_nms_top_n_train=100", "--model-arg", "box_batch_size_per_image=32",
+                    "--model-arg", "feature_channels=16", "--model-arg", "representation_size=32",
+                    "--model-arg", "mdpool_hidden=16"],
     "dcnv2 eval": ["--no-progress"],
     "dcnv2 analyze figure": ["--no-saliency", "--threads", "1"],
     # the comparison with PyTorch (9 s here) is what tests/test_export_detectors.py checks
