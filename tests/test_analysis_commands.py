@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from dcnv2 import cli
+from cli_run import run_cli
 from dcnv2.analysis import load_analysis_model
 
 SIZE = 64
@@ -151,37 +152,8 @@ def test_demo_figure_of_trained_models(setup, monkeypatch, capsys):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# bad input on the same checkpoints, through the CLI (in a subprocess where a crash or a once-per-process
-# warning matters, in this process otherwise): exit status, the argument or file
-# named, no traceback, and nothing silently moved or NaN
-
-def _cli(*args):
-    import subprocess
-    import sys
-
-    return subprocess.run([sys.executable, "-m", "dcnv2.cli", *args], capture_output=True, text=True, timeout=300)
-
-
-def _cli_in_process(*args):
-    """The CLI's argument checks in this process (no interpreter start-up per case): its exit status and
-    what it printed. An exception the CLI does not turn into a message fails the test, as a traceback would."""
-    import contextlib
-    import io
-    import types
-
-    from dcnv2.cli import main
-
-    out, err, threads = io.StringIO(), io.StringIO(), torch.get_num_threads()
-    try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            try:
-                code = main(list(args))
-            except SystemExit as exc:  # argparse's own errors
-                code = exc.code
-    finally:
-        torch.set_num_threads(threads)
-    return types.SimpleNamespace(returncode=code, stdout=out.getvalue(), stderr=err.getvalue())
-
+# bad input on the same checkpoints, through the CLI (in this process, with what a terminal would show:
+# tests/cli_run.py): exit status, the argument or file named, no traceback, and nothing silently moved or NaN
 
 @pytest.mark.parametrize("where,words", [
     (["--box", "100,100,140,130"], ["--box 100,100,140,130 does not overlap the image", "[0, 64] x [0, 64]"]),
@@ -193,7 +165,7 @@ def _cli_in_process(*args):
 def test_figure_refuses_places_outside_the_image(setup, where, words):
     root, ckpts = setup
     image = sorted((root / "data" / "val").glob("*.png"))[0]
-    proc = _cli_in_process("analyze", "figure", "--checkpoint", str(ckpts["regular"]), "--image", str(image),
+    proc = run_cli("analyze", "figure", "--checkpoint", str(ckpts["regular"]), "--image", str(image),
                            "--out", str(root / "never.png"), *where, *FAST)
     assert proc.returncode == 2, proc.stdout + proc.stderr
     for w in words:
@@ -204,7 +176,7 @@ def test_figure_refuses_places_outside_the_image(setup, where, words):
 def test_figure_clips_a_box_partly_outside_and_says_so(setup):
     root, ckpts = setup
     image = sorted((root / "data" / "val").glob("*.png"))[0]
-    proc = _cli_in_process("analyze", "figure", "--checkpoint", str(ckpts["mdconv-c3c5-mdpool"]), "--image",
+    proc = run_cli("analyze", "figure", "--checkpoint", str(ckpts["mdconv-c3c5-mdpool"]), "--image",
                            str(image), "--out", str(root / "clipped.png"), "--box", "40,-10,90,30", *FAST)
     assert proc.returncode == 0, proc.stderr
     assert "box (40, 0, 64, 30, clipped to the image)" in proc.stdout
@@ -231,7 +203,7 @@ def test_predict_skips_degenerate_and_corrupt_images_and_processes_the_rest(setu
     broken = tmp_path / "broken.png"
     broken.write_bytes(b"not a png")
     out = tmp_path / "pred"
-    proc = _cli("predict", str(thin), str(broken), str(good), "--checkpoint", str(ckpts["regular"]), "--out", str(out))
+    proc = run_cli("predict", str(thin), str(broken), str(good), "--checkpoint", str(ckpts["regular"]), "--out", str(out))
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert f"image {str(thin)!r} skipped: the 900x3 image would be resized to" in proc.stderr
     assert str(broken) in proc.stderr and "2 of 3 images failed" in proc.stderr
@@ -268,11 +240,11 @@ def test_commands_refuse_a_checkpoint_of_the_wrong_kind_and_an_unusable_out(setu
     save_checkpoint({"model": model.state_dict(), "model_spec": spec.to_dict()}, cls)
     for args in (["predict", str(image), "--out", str(tmp_path / "p")],
                  ["analyze", "figure", "--image", str(image), "--node", "5,5", "--out", str(tmp_path / "f.png")]):
-        proc = _cli_in_process(*args, "--checkpoint", str(cls))
+        proc = run_cli(*args, "--checkpoint", str(cls))
         assert proc.returncode == 2 and "holds a classifier" in proc.stderr and "Traceback" not in proc.stderr
     blocker = tmp_path / "a_file"
     blocker.write_text("x")
-    proc = _cli_in_process("analyze", "figure", "--checkpoint", str(ckpts["regular"]), "--image", str(image),
+    proc = run_cli("analyze", "figure", "--checkpoint", str(ckpts["regular"]), "--image", str(image),
                            "--node", "5,5", "--out", str(blocker / "fig.png"), *FAST)
     assert proc.returncode == 2 and f"--out's folder {str(blocker)!r} cannot be created" in proc.stderr
     # 16-bit grayscale reads as its picture (white stays white), not clipped to 255 everywhere
@@ -295,7 +267,7 @@ def test_eval_cli_names_a_degenerate_image_and_evaluates_the_others(setup, tmp_p
     ann = json.loads(ann_file.read_text())
     ann["images"].append({"id": 999, "file_name": "thin.png", "width": 900, "height": 3})
     ann_file.write_text(json.dumps(ann))
-    proc = _cli("eval", "--checkpoint", str(ckpts["regular"]), "--data", str(data), "--split", "val",
+    proc = run_cli("eval", "--checkpoint", str(ckpts["regular"]), "--data", str(data), "--split", "val",
                 "--out", str(tmp_path / "ev"))
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "image 999 (thin.png) gets no detections at test size 64: the 900x3 image" in proc.stderr

@@ -1,7 +1,8 @@
 """ImageFolder classification data: `dcnv2 data check` names every broken file, the loader reads every mode
 as RGB, train-cls refuses a broken set before training and stops on a file that breaks during training with
-its name, keeping the checkpoint that --resume continues from. CLI cases run in a subprocess: exit status,
-the file or argument named, no traceback."""
+its name, keeping the checkpoint that --resume continues from. CLI cases check the exit status, the file or
+argument named and that there is no traceback; they run in this process (tests/cli_run.py), except the
+training-then-resume runs, which run in subprocesses as a user's would."""
 from __future__ import annotations
 
 import shutil
@@ -13,6 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from cli_run import run_cli
 from dcnv2.data import synthetic_cls
 from dcnv2.data.image_folder import check_image_folder, load_rgb
 
@@ -99,9 +101,9 @@ def test_data_check_cli_lists_problems(clean_set, tmp_path):
     data = copy_of(clean_set, tmp_path)
     truncate(sorted((data / "val" / "circle").iterdir())[0])
     (data / "train" / "circle" / "readme.md").write_text("x")
-    ok = dcnv2("data", "check", str(clean_set))
+    ok = run_cli("data", "check", str(clean_set))
     assert ok.returncode == 0 and "no problems found" in ok.stdout and "| circle |" in ok.stdout
-    bad = dcnv2("data", "check", str(data), "--decode")
+    bad = run_cli("data", "check", str(data), "--decode")
     assert bad.returncode == 1, bad.stderr
     assert "2 problem(s)" in bad.stdout and "readme.md: not an image file" in bad.stdout
     assert "cannot be decoded" in bad.stdout and "Traceback" not in bad.stdout + bad.stderr
@@ -115,7 +117,7 @@ def test_train_cls_refuses_a_broken_set_before_training(clean_set, tmp_path):
     data = copy_of(clean_set, tmp_path)
     fake = data / "train" / "square" / "broken.png"
     fake.write_bytes(b"\x89PNG not really")
-    proc = dcnv2("train-cls", "--data", str(data), "--out", str(tmp_path / "run"), "--max-iters", "2",
+    proc = run_cli("train-cls", "--data", str(data), "--out", str(tmp_path / "run"), "--max-iters", "2",
                  "--workers", "0", *TRAIN)
     assert proc.returncode == 2 and f"{fake}: not a readable image" in proc.stderr
     assert "Traceback" not in proc.stderr and not (tmp_path / "run" / "checkpoint_last.pth").exists()

@@ -267,7 +267,9 @@ def test_train_a_step_and_evaluate_detection(voc_root, tmp_path, capsys):
                  "--backbone", "resnet18", "--fpn", "--min-size", "48", "--max-size", "64", "--max-iters", "1",
                  "--batch-size", "2", "--warmup-iters", "1", "--lr-steps", "--workers", "0", "--no-progress",
                  "--no-tensorboard", "--model-arg", "rpn_post_nms_top_n_train=100",
-                 "--model-arg", "box_batch_size_per_image=32", "--eval-split", "val"]) == 0, capsys.readouterr().err
+                 "--model-arg", "box_batch_size_per_image=32", "--model-arg", "feature_channels=16",
+                 "--model-arg", "representation_size=32", "--model-arg", "mdpool_hidden=16",
+                 "--eval-split", "val"]) == 0, capsys.readouterr().err
     out = capsys.readouterr().out
     assert "| model | mAP (VOC07 11-point) | mAP (area) |" in out and "| model | type | AP |" in out
     from dcnv2.engine import load_checkpoint

@@ -98,7 +98,8 @@ def test_good_targets_pass_including_empty_and_bool_masks():
 
 @pytest.fixture(scope="module")
 def tiny_models():
-    kw = dict(backbone="resnet18", num_classes=NUM_CLASSES, min_size=32, max_size=48)
+    kw = dict(backbone="resnet18", num_classes=NUM_CLASSES, min_size=32, max_size=48, feature_channels=16,
+              representation_size=32)
     return models.faster_rcnn(**kw), models.mask_rcnn(**kw)
 
 
@@ -135,7 +136,8 @@ def test_inf_and_nan_boxes_fail_cleanly_in_a_subprocess():
     script = textwrap.dedent("""
         import torch
         from dcnv2 import models
-        model = models.faster_rcnn(backbone="resnet18", num_classes=3, min_size=32, max_size=32).train()
+        model = models.faster_rcnn(backbone="resnet18", num_classes=3, min_size=32, max_size=32,
+                                   feature_channels=16, representation_size=32).train()
         img = [torch.rand(3, 32, 32)]
         for v in (float("inf"), float("nan"), -float("inf")):
             try:

@@ -16,6 +16,7 @@ import os
 from pathlib import Path
 from typing import Dict, List, Optional, Union
 
+import torch
 from torch import Tensor, nn
 
 from dcnv2.engine.checkpoint import CHECKPOINT_FORMAT, save_checkpoint
@@ -82,10 +83,11 @@ def convert_state_dict(checkpoint: PeerCheckpoint, source: str, *, num_classes: 
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
             setattr(spec, name, value)
-    model = build_model(spec, inference=True)
-    state = mapper.finish(model)
+    with torch.device("meta"):  # the names and shapes to fill: no weights allocated or initialised
+        template = build_model(spec, inference=True)
+    state = mapper.finish(template)
     if to_preset is not None:
-        state, spec, more = _to_preset(model, state, spec, to_preset, preserve)
+        state, spec, more = _to_preset(template, state, spec, to_preset, preserve)
         notes += more
     if num_classes is not None and num_classes != spec.num_classes:
         state, spec, more = _new_classes(state, spec, num_classes)

@@ -73,7 +73,7 @@ class KeyMapper:
 
     def finish(self, model: nn.Module) -> Dict[str, Tensor]:
         """Checks completeness against ``model``'s state dict and returns the converted one (``model`` is
-        not modified).
+        not modified; only its names, shapes and dtypes are read, so a model on the meta device will do).
 
         Raises:
             ConversionError: naming unused peer keys, keys of ours left unfilled, unknown keys produced
@@ -98,9 +98,9 @@ class KeyMapper:
         if problems:
             raise ConversionError(f"{self.origin} does not fit: " + "; ".join(problems))
         out = {k: v for k, v in self.out.items() if k in target}
-        for k, v in target.items():  # bookkeeping buffers keep the model's own values
+        for k, v in target.items():  # bookkeeping buffers (BatchNorm's step count) start at a fresh model's 0
             if k not in out:
-                out[k] = v
+                out[k] = torch.zeros(v.shape, dtype=v.dtype)
         return {k: out[k].to(target[k].dtype) if out[k].is_floating_point() else out[k] for k in target}
 
 
