@@ -21,7 +21,12 @@ def _trunk(model, x):
     return model.layer4(model.layer3(model.layer2(model.layer1(x))))
 
 
-@pytest.mark.parametrize("name", list(BACKBONES))
+# the three deepest add no block kind that resnet18/34 (basic), resnet50 (bottleneck) and resnext50_32x4d
+# (grouped) don't have: they run in `make test-slow`
+DEEP = ("resnet101", "resnet152", "resnext101_32x8d")
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in DEEP else n for n in BACKBONES])
 def test_every_backbone_builds_and_runs_with_deformable_c3_c5(name):
     torch.manual_seed(0)
     model = dcn_resnet(name, deform_stages=("c3", "c4", "c5"), modulated=True, conv5_dilation=True).eval()
