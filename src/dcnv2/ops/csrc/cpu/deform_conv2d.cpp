@@ -6,9 +6,9 @@
 // a tile may span several images, so small maps (a batch of 64 crops at 3x3) still make GEMMs of
 // hundreds of rows instead of one tiny GEMM per image. One GEMM per tile and group, producing
 // pixel-major rows (oneDNN for float32, see RowGemm) that one transposing copy puts into NCHW. The
-// backward's tile boundaries depend on the shapes only (not on the thread count); a float32/float64
-// forward with several threads cuts its tiles to a multiple of the thread count and gives each thread
-// its own share (see deform_conv2d_forward_cpu).
+// backward's tile boundaries depend on the shapes only (not on the thread count); a forward with several
+// threads cuts its tiles to a multiple of the thread count and gives each thread its own share (see
+// forward_tiles).
 //
 // Backward recomputes the column tile (for grad_weight), forms grad_col with one GEMM and then makes
 // one fused pass per (pixel, tap) that scatters grad_input and takes the four corner dot products
@@ -384,6 +384,17 @@ at::Tensor channels_last(const at::Tensor& input, ScratchSlot slot = kScratchInp
   return out;
 }
 
+// The bfloat16 batch in channels-last [N, H, W, C] (bf16 bits moved as they are)
+at::Tensor channels_last_bf16(const at::Tensor& input, ScratchSlot slot = kScratchInput) {
+  const at::Tensor x = input.contiguous();
+  const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), HW = H * W;
+  at::Tensor out = scratch(slot, {N, H, W, C}, x.options());
+  for (int64_t n = 0; n < N; ++n) {
+    transpose_add<uint16_t>(bf16_bits(x) + n * C * HW, HW, bf16_bits(out) + n * HW * C, C, C, HW, nullptr);
+  }
+  return out;
+}
+
 // channels_last in the compute type ct (float32 or float64)
 at::Tensor channels_last_as(at::ScalarType ct, const at::Tensor& t, ScratchSlot slot = kScratchInput) {
   return ct == at::kFloat ? channels_last<float>(t, slot) : channels_last<double>(t, slot);
@@ -391,7 +402,7 @@ at::Tensor channels_last_as(at::ScalarType ct, const at::Tensor& t, ScratchSlot 
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-// How the float32/float64 forwards ran since the last reset (tests check which split a call took):
+// How the forwards ran since the last reset (tests check which split a call took):
 // [0] calls with tile-parallel threads (each thread its own tiles), [1] calls with the tiles one after
 // another (parallel inside each tile), [2] tiles run by all calls.
 std::atomic<int64_t> g_forward_counts[3];
@@ -648,40 +659,56 @@ bool bf16_fast_path() {
   return on && RowGemm::bf16_gemm_available();
 }
 
-// The bfloat16 forward: float32 sampling, bf16 column tiles, bf16 GEMM with float32 accumulation
-// (RowGemm), bf16 output. The GEMM rounds its result to bf16 and the bias, when there is one, is
-// added in float32 and rounded again.
-at::Tensor deform_conv2d_forward_bf16(const Geometry& g, const at::Tensor& input, const at::Tensor& weight,
-                                      const at::Tensor& offset, const std::optional<at::Tensor>& mask,
-                                      const std::optional<at::Tensor>& bias) {
-  at::Tensor out = at::empty({g.N, g.Cout, g.Ho, g.Wo}, input.options());
-  if (g.N == 0) return out;
-  const at::Tensor off_r = rows(offset, at::kFloat);  // exact: every bf16 is a float32
-  const at::Tensor mask_r = mask ? rows(*mask, at::kFloat) : at::Tensor();
-  const at::Tensor wmat = weight_matrix(weight, g, at::kBFloat16);
-  const int64_t P = tile_pixels(g, sizeof(uint16_t));
-  at::Tensor col = scratch(kScratchColumns, {P, g.G, g.K * g.Cg()}, input.options());
-  const at::Tensor x_cl = input.permute({0, 2, 3, 1}).contiguous();  // [N, H, W, C]
-  std::vector<RowGemm> gemm;
-  for (int64_t grp = 0; grp < g.G; ++grp) gemm.emplace_back(wmat[grp], P, ceil_div(g.N * g.L, P));
-  const bool has_bias = bias && bias->defined();
-  const at::Tensor bias_c = has_bias ? bias->to(at::kFloat).contiguous() : at::Tensor();
-  TapReader<float> taps{g, off_r.data_ptr<float>(), mask ? mask_r.data_ptr<float>() : nullptr};
-  uint16_t* out_p = bf16_bits(out);
+// The forward's tiles of the batch's N * L output pixels: each tile is filled (samples computed in T from
+// the channels-last image of element type S, columns stored as D), multiplied (one RowGemm per group,
+// pixel-major rows of D) and transposed into the NCHW output (element type D), the bias (T) added on the
+// way. float32/float64 run T = S = D; the bfloat16 fast path runs T = float and S = D = bfloat16 bits:
+// float32 sampling, bf16 column tiles, oneDNN's bf16 GEMM with float32 accumulation, whose bf16 result
+// gets the bias added in float32 and is rounded again.
+//
+// Tile-parallel when every thread gets at least 4 * kMinTilePixels output pixels: each thread fills,
+// multiplies and transposes its own tiles (its column tile stays in its own cache, and one thread's
+// memory-bound fill overlaps another's GEMM), instead of three parallel regions with a barrier each per
+// tile. The tiles are cut to a multiple of the thread count, all of one size, so the threads get equal
+// shares.
+template <typename T, typename S, typename D>
+void forward_tiles(const Geometry& g, const TapReader<T>& taps, const S* img, const at::Tensor& wmat, D* out,
+                   const T* bias, const at::TensorOptions& col_opts) {
   const int64_t NL = g.N * g.L;
-  for (int64_t q0 = 0; q0 < NL; q0 += P) {
-    const int64_t q1 = std::min(NL, q0 + P), np = q1 - q0;
-    fill_columns<float, uint16_t, uint16_t>(g, taps, bf16_bits(x_cl), q0, q1, bf16_bits(col));
+  const int64_t threads = at::in_parallel_region() ? 1 : at::get_num_threads();
+  const int64_t P0 = tile_pixels(g, sizeof(D));
+  const bool tile_parallel = threads > 1 && fwd_tile_parallel() && NL >= threads * 4 * kMinTilePixels;
+  const int64_t P = tile_parallel ? ceil_div(NL, ceil_div(ceil_div(NL, P0), threads) * threads) : P0;
+  // The GEMM writes pixel-major rows [np, Cout]: on the CPUs measured this layout runs markedly faster
+  // than writing the strided [Cout, np] slice of the output directly; one transposing copy follows.
+  std::vector<RowGemm> gemm;
+  for (int64_t grp = 0; grp < g.G; ++grp) gemm.emplace_back(wmat[grp], P, ceil_div(NL, P));
+  const auto col_type = col_opts.dtype().toScalarType();
+  // fill, GEMM and transpose of the tile of pixels [q0, q1) into col (the nested parallel loops of a
+  // tile-parallel call run inline, on the calling thread)
+  auto run_tile = [&](int64_t q0, int64_t q1, at::Tensor& col) {
+    const int64_t np = q1 - q0;
+    ++g_forward_counts[2];
+    fill_columns<T, S, D>(g, taps, img, q0, q1, elem_ptr<D>(col));
     for (int64_t grp = 0; grp < g.G; ++grp) {
       const at::Tensor cols = col.narrow(0, 0, np).select(1, grp);  // [np, K*Cg]
-      const at::Tensor res = gemm[grp](cols).contiguous();         // [np, Coutg] bf16
-      TORCH_CHECK(res.scalar_type() == at::kBFloat16, "deform_conv2d: bf16 GEMM returned ", res.scalar_type());
-      rows_to_channels<float, uint16_t, uint16_t>(
-          bf16_bits(res), q0, np, g.Coutg(), out_p + grp * g.Coutg() * g.L, g.Cout, g.L,
-          has_bias ? bias_c.data_ptr<float>() + grp * g.Coutg() : nullptr);
+      const at::Tensor res = gemm[grp](cols).contiguous();         // [np, Coutg]
+      TORCH_CHECK(res.scalar_type() == col_type, "deform_conv2d: the tile GEMM returned ", res.scalar_type(),
+                  " for ", col_type, " columns");
+      rows_to_channels<T, D, D>(elem_ptr<D>(res), q0, np, g.Coutg(), out + grp * g.Coutg() * g.L, g.Cout, g.L,
+                                bias ? bias + grp * g.Coutg() : nullptr);
     }
+  };
+  ++g_forward_counts[tile_parallel ? 0 : 1];
+  if (tile_parallel) {
+    at::parallel_for(0, ceil_div(NL, P), 1, [&](int64_t t0, int64_t t1) {
+      at::Tensor col = scratch(kScratchColumns, {P, g.G, g.K * g.Cg()}, col_opts);  // this thread's
+      for (int64_t t = t0; t < t1; ++t) run_tile(t * P, std::min(NL, (t + 1) * P), col);
+    });
+    return;
   }
-  return out;
+  at::Tensor col = scratch(kScratchColumns, {P, g.G, g.K * g.Cg()}, col_opts);
+  for (int64_t q0 = 0; q0 < NL; q0 += P) run_tile(q0, std::min(NL, q0 + P), col);
 }
 
 at::Tensor deform_conv2d_forward_cpu(const at::Tensor& input, const at::Tensor& weight,
@@ -690,62 +717,30 @@ at::Tensor deform_conv2d_forward_cpu(const at::Tensor& input, const at::Tensor& 
                                      at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
                                      int64_t offset_groups) {
   const Geometry g = make_geometry(input, weight, offset, mask, stride, padding, dilation, groups, offset_groups);
-  if (input.scalar_type() == at::kBFloat16 && bf16_fast_path()) {
-    return deform_conv2d_forward_bf16(g, input, weight, offset, mask, bias);
-  }
+  // bfloat16 on the fast path keeps bf16 columns, GEMM and output; otherwise half/bfloat16 compute in float32
+  const bool bf16 = input.scalar_type() == at::kBFloat16 && bf16_fast_path();
   const auto ct = compute_type(input.scalar_type());
+  const auto ot = bf16 ? at::kBFloat16 : ct;  // the columns' and the output's type
   // every output element is written by exactly one tile GEMM, so no zero-fill is needed
-  at::Tensor out = at::empty({g.N, g.Cout, g.Ho, g.Wo}, input.options().dtype(ct));
+  at::Tensor out = at::empty({g.N, g.Cout, g.Ho, g.Wo}, input.options().dtype(ot));
   if (g.N == 0) return out.to(input.scalar_type());
-  const at::Tensor off_r = rows(offset, ct);
+  const at::Tensor off_r = rows(offset, ct);  // exact for bf16: every bf16 is a float32
   const at::Tensor mask_r = mask ? rows(*mask, ct) : at::Tensor();
-  const at::Tensor wmat = weight_matrix(weight, g, ct);
-  const int64_t NL = g.N * g.L;
-  const int64_t threads = at::in_parallel_region() ? 1 : at::get_num_threads();
-  const int64_t P0 = tile_pixels(g, at::elementSize(ct));
-  // Tile-parallel when every thread gets at least 4 * kMinTilePixels output pixels: each thread fills,
-  // multiplies and transposes its own tiles (its column tile stays in its own cache, and one thread's
-  // memory-bound fill overlaps another's GEMM), instead of three parallel regions with a barrier each per
-  // tile. The tiles are cut to a multiple of the thread count, all of one size, so the threads get equal
-  // shares.
-  const bool tile_parallel = threads > 1 && fwd_tile_parallel() && NL >= threads * 4 * kMinTilePixels;
-  const int64_t P = tile_parallel ? ceil_div(NL, ceil_div(ceil_div(NL, P0), threads) * threads) : P0;
+  const at::Tensor wmat = weight_matrix(weight, g, ot);
+  const at::Tensor bias_c = bias && bias->defined() ? bias->to(ct).contiguous() : at::Tensor();
+  const auto col_opts = out.options();
+  if (bf16) {
+    const at::Tensor x_cl = channels_last_bf16(input);
+    TapReader<float> taps{g, off_r.data_ptr<float>(), mask ? mask_r.data_ptr<float>() : nullptr};
+    forward_tiles<float, uint16_t, uint16_t>(g, taps, bf16_bits(x_cl), wmat, bf16_bits(out),
+                                             bias_c.defined() ? bias_c.data_ptr<float>() : nullptr, col_opts);
+    return out;
+  }
   const at::Tensor x_cl = channels_last_as(ct, input);
-  // The GEMM writes pixel-major rows [np, Cout]: on the CPUs measured this layout runs markedly faster
-  // than writing the strided [Cout, np] slice of the output directly; one transposing copy follows.
-  std::vector<RowGemm> gemm;
-  for (int64_t grp = 0; grp < g.G; ++grp) gemm.emplace_back(wmat[grp], P, ceil_div(NL, P));
-  const bool has_bias = bias && bias->defined();
-  const at::Tensor bias_c = has_bias ? bias->to(ct).contiguous() : at::Tensor();
-
   AT_DISPATCH_FLOATING_TYPES(ct, "dcnv2_deform_conv2d_forward", [&] {
     TapReader<scalar_t> taps{g, off_r.data_ptr<scalar_t>(), mask ? mask_r.data_ptr<scalar_t>() : nullptr};
-    // fill, GEMM and transpose of the tile of pixels [q0, q1) into col (the nested parallel loops of a
-    // tile-parallel call run inline, on the calling thread)
-    auto run_tile = [&](int64_t q0, int64_t q1, at::Tensor& col) {
-      const int64_t np = q1 - q0;
-      ++g_forward_counts[2];
-      fill_columns<scalar_t>(g, taps, x_cl.data_ptr<scalar_t>(), q0, q1, col.data_ptr<scalar_t>());
-      for (int64_t grp = 0; grp < g.G; ++grp) {
-        const at::Tensor cols = col.narrow(0, 0, np).select(1, grp);     // [np, K*Cg]
-        const at::Tensor res = gemm[grp](cols).contiguous();            // [np, Coutg]
-        scalar_t* dst = out.data_ptr<scalar_t>() + grp * g.Coutg() * g.L;
-        rows_to_channels<scalar_t>(res.data_ptr<scalar_t>(), q0, np, g.Coutg(), dst, g.Cout, g.L,
-                                   has_bias ? bias_c.data_ptr<scalar_t>() + grp * g.Coutg() : nullptr);
-      }
-    };
-    ++g_forward_counts[tile_parallel ? 0 : 1];
-    if (tile_parallel) {
-      at::parallel_for(0, ceil_div(NL, P), 1, [&](int64_t t0, int64_t t1) {
-        at::Tensor col = scratch(kScratchColumns, {P, g.G, g.K * g.Cg()}, out.options());  // this thread's
-        for (int64_t t = t0; t < t1; ++t) run_tile(t * P, std::min(NL, (t + 1) * P), col);
-      });
-      return;
-    }
-    at::Tensor col = scratch(kScratchColumns, {P, g.G, g.K * g.Cg()}, out.options());
-    for (int64_t q0 = 0; q0 < NL; q0 += P) {
-      run_tile(q0, std::min(NL, q0 + P), col);
-    }
+    forward_tiles<scalar_t, scalar_t, scalar_t>(g, taps, x_cl.data_ptr<scalar_t>(), wmat, out.data_ptr<scalar_t>(),
+                                                bias_c.defined() ? bias_c.data_ptr<scalar_t>() : nullptr, col_opts);
   });
   return out.to(input.scalar_type());
 }
