@@ -77,6 +77,8 @@ def test_peer_mode_names_the_missing_package(monkeypatch, capsys):
 @pytest.mark.slow  # the benchmark script in a subprocess (~10 s)
 def test_small_map_and_gradient_modes_print_their_tables():
     out = run_bench("--small", "--grads", "--threads", "1")
-    assert "fwd+bwd ours/dense" in out
+    assert "fwd+bwd ours/dense" in out and "fwd ours/dense all taps" in out
+    small = [line.split("|")[1:-1] for line in out.splitlines() if line.startswith("| tiny | 8 |")]
+    assert len(small) == 1 and len(small[0]) == 10  # the dense conv on the zero-padded input is timed too
     grads = [line.split("|")[3].strip() for line in out.splitlines() if line.startswith("| tiny C=8")]
     assert grads == ["all", "input only", "weight only"]
