@@ -138,32 +138,33 @@ def test_bf16_zero_offsets_match_dense_bf16_conv():
     assert (out.to(D) - expected).abs().max() <= BF16_TOL * expected.abs().max()
 
 
+def _wide_fill_cases():
+    """bf16 forward and gradients on channel counts that leave tails (C = 13, 40) and output sizes that leave
+    the 8 x 8 transposes' edges, with and without bias."""
+    outs = []
+    for N, C, Co, H, W, bias in ((2, 13, 20, 11, 9, True), (1, 40, 33, 7, 10, False), (3, 64, 24, 6, 6, True)):
+        g = torch.Generator().manual_seed(C)
+        x = torch.randn(N, C, H, W, generator=g).to(BF).requires_grad_()
+        w = (torch.randn(Co, C, 3, 3, generator=g) * 0.1).to(BF).requires_grad_()
+        off = (torch.randn(N, 18, H, W, generator=g) * 2).to(BF).requires_grad_()
+        m = torch.rand(N, 9, H, W, generator=g).to(BF).requires_grad_()
+        b = torch.randn(Co, generator=g).to(BF) if bias else None
+        y = deform_conv2d(x, off, w, b, padding=1, mask=m)
+        y.backward(torch.randn(y.shape, generator=g).to(BF))
+        outs += [y.detach(), x.grad, w.grad, off.grad, m.grad]
+    return outs
+
+
 def test_bf16_wide_fill_and_transposes_bit_identical_to_the_avx2_loops():
-    """On an AVX-512 CPU the bf16 columns are sampled by 16-lane loops (masked tails); DCNV2_FILL=avx2 keeps
-    the 8-lane ones. Both must give the same bits, forward and backward, with channel counts that leave
-    tails (C = 13, 40) and output sizes that leave the 8 x 8 transposes' edges (with and without bias)."""
-    script = (
-        "import sys, torch, dcnv2\n"
-        "outs = []\n"
-        "for N, C, Co, H, W, bias in ((2, 13, 20, 11, 9, True), (1, 40, 33, 7, 10, False), (3, 64, 24, 6, 6, True)):\n"
-        "    g = torch.Generator().manual_seed(C)\n"
-        "    x = torch.randn(N, C, H, W, generator=g).bfloat16().requires_grad_()\n"
-        "    w = (torch.randn(Co, C, 3, 3, generator=g) * 0.1).bfloat16().requires_grad_()\n"
-        "    off = (torch.randn(N, 18, H, W, generator=g) * 2).bfloat16().requires_grad_()\n"
-        "    m = torch.rand(N, 9, H, W, generator=g).bfloat16().requires_grad_()\n"
-        "    b = torch.randn(Co, generator=g).bfloat16() if bias else None\n"
-        "    y = dcnv2.ops.deform_conv2d(x, off, w, b, padding=1, mask=m)\n"
-        "    y.backward(torch.randn(y.shape, generator=g).bfloat16())\n"
-        "    outs += [y.detach(), x.grad, w.grad, off.grad, m.grad]\n"
-        "torch.save(outs, sys.argv[1])\n"
-    )
+    """On an AVX-512 CPU the bf16 columns are sampled by 16-lane loops (masked tails); DCNV2_FILL=avx2 (read
+    once per process) keeps the 8-lane ones. Both must give the same bits, forward and backward."""
+    script = ("import sys, torch; sys.path.insert(0, sys.argv[2]); import test_deform_conv_bf16 as t; "
+              "torch.save(t._wide_fill_cases(), sys.argv[1])")
     with tempfile.TemporaryDirectory() as tmp:
-        results = []
-        for fill in ("avx2", "default"):
-            path = os.path.join(tmp, f"{fill}.pt")
-            env = {**os.environ, "DCNV2_FILL": fill}
-            proc = subprocess.run([sys.executable, "-c", script, path], env=env, capture_output=True, text=True)
-            assert proc.returncode == 0, proc.stderr[-2000:]
-            results.append(torch.load(path))
-    for a, b in zip(*results):
+        path = os.path.join(tmp, "avx2.pt")
+        proc = subprocess.run([sys.executable, "-c", script, path, os.path.dirname(__file__)],
+                              env={**os.environ, "DCNV2_FILL": "avx2"}, capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        narrow = torch.load(path)
+    for a, b in zip(_wide_fill_cases(), narrow, strict=True):
         assert a.dtype == BF and torch.equal(a.view(torch.int16), b.view(torch.int16))
