@@ -225,19 +225,37 @@ struct Corners {
   }
 };
 
+// The corners of one (pixel, offset group, tap) sample and its mask: the backward's table of a tile.
+template <typename T>
+struct TapCorners {
+  Corners<T> cr;
+  T m;
+};
+
 // Reads (dy, dx, mask) of tap k, offset group og at a pixel from channels-last offset/mask rows.
 template <typename T>
 struct TapReader {
   const Geometry& g;
   const T* off;   // [N, L, OG * 2K]
   const T* mask;  // [N, L, OG * K] or nullptr
-  inline void sample(int64_t n, int64_t p, int64_t og, int64_t k, T& y, T& x, T& m) const {
-    const int64_t ho = p / g.Wo, wo = p % g.Wo;
-    const T* o = off + (n * g.L + p) * g.OG * 2 * g.K + og * 2 * g.K + 2 * k;
-    const int64_t i = k / g.kw, j = k % g.kw;
-    y = T(ho * g.sh - g.ph + i * g.dh) + o[0];
-    x = T(wo * g.sw - g.pw + j * g.dw) + o[1];
-    m = mask ? mask[(n * g.L + p) * g.OG * g.K + og * g.K + k] : T(1);
+  // what every tap of output pixel p of image n shares: its unshifted top-left sampling position and its
+  // rows of offsets and masks (the divisions happen here, once per pixel)
+  struct Pixel {
+    int64_t y0, x0;
+    const T* o;
+    const T* m;
+  };
+  inline Pixel pixel(int64_t n, int64_t p) const {
+    const int64_t ho = p / g.Wo, wo = p - ho * g.Wo;
+    return {ho * g.sh - g.ph, wo * g.sw - g.pw, off + (n * g.L + p) * g.OG * 2 * g.K,
+            mask ? mask + (n * g.L + p) * g.OG * g.K : nullptr};
+  }
+  // tap k = i * kw + j of offset group og
+  inline void tap(const Pixel& px, int64_t og, int64_t i, int64_t j, int64_t k, T& y, T& x, T& m) const {
+    const T* o = px.o + og * 2 * g.K + 2 * k;
+    y = T(px.y0 + i * g.dh) + o[0];
+    x = T(px.x0 + j * g.dw) + o[1];
+    m = px.m ? px.m[og * g.K + k] : T(1);
   }
 };
 
@@ -574,16 +592,17 @@ void fill_columns(const Geometry& g, const TapReader<T>& taps, const S* batch_im
       const int64_t n = q / g.L, p = q - n * g.L;
       const S* img = batch_img + n * g.H * g.W * C;
       D* row = col + (q - q0) * K * C;
+      const auto px = taps.pixel(n, p);
       for (int64_t og = 0; og < g.OG; ++og) {
-        for (int64_t k = 0; k < K; ++k) {
+        for (int64_t k = 0, i = 0, j = 0; k < K; ++k, j = (j + 1 == g.kw ? 0 : j + 1), i += (j == 0)) {
           T y, x, m;
-          taps.sample(n, p, og, k, y, x, m);
+          taps.tap(px, og, i, j, k, y, x, m);
           cr.set(y, x, g.H, g.W);
           T cw[4];
           for (int c = 0; c < cr.n; ++c) cw[c] = cr.w[c] * m;
           // the offset group's channels, split where they cross a group boundary
           for (int64_t c = og * Cog, cend = (og + 1) * Cog; c < cend;) {
-            const int64_t grp = c / Cg, seg_end = std::min(cend, (grp + 1) * Cg);
+            const int64_t grp = g.G == 1 ? 0 : c / Cg, seg_end = std::min(cend, (grp + 1) * Cg);
             const int64_t len = seg_end - c;
             D* dst = row + grp * K * Cg + k * Cg + (c - grp * Cg);
             if (cr.n == 0) {
@@ -967,6 +986,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> deform_co
       T* part = partial.data_ptr<T>();
       const B* gc = nullptr;  // this tile's grad_col rows [np, G, K, Cg]
       const int64_t C = g.C, K = g.K, Cg = g.Cg(), HWC = g.H * g.W * g.C, NL = g.N * g.L;
+      std::vector<TapCorners<T>> corners(need_scatter ? static_cast<size_t>(P * g.OG * K) : 0);
       for (int64_t q0 = 0; q0 < NL; q0 += P) {
         const int64_t q1 = std::min(NL, q0 + P), np = q1 - q0;
         if (need_w) {
@@ -1007,20 +1027,35 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> deform_co
         if (!need_scatter) continue;
         ++g_backward_counts[need_in ? 3 : 4];
         gc = g.G == 1 ? elem_ptr<B>(gcol_single) : elem_ptr<B>(gcol);
+        // the corners and mask of every (pixel, offset group, tap) of the tile, once: every channel block
+        // reads them (c5 has 16 blocks, each of which used to recompute them)
+        at::parallel_for(q0, q1, 16, [&](int64_t r0, int64_t r1) {
+          for (int64_t q = r0; q < r1; ++q) {
+            const int64_t n = q / g.L, p = q - n * g.L;
+            const auto px = taps.pixel(n, p);
+            TapCorners<T>* tc = corners.data() + (q - q0) * g.OG * K;
+            for (int64_t og = 0; og < g.OG; ++og) {
+              for (int64_t k = 0, i = 0, j = 0; k < K; ++k, ++tc, j = (j + 1 == g.kw ? 0 : j + 1), i += (j == 0)) {
+                T y, xx;
+                taps.tap(px, og, i, j, k, y, xx, tc->m);
+                tc->cr.set(y, xx, g.H, g.W);
+              }
+            }
+          }
+        });
         at::parallel_for(0, NB, 1, [&](int64_t b0, int64_t b1) {
-          Corners<T> cr;
           for (int64_t b = b0; b < b1; ++b) {
             const Block& blk = blocks[b];
             const int64_t len = blk.c1 - blk.c0;
             for (int64_t q = q0; q < q1; ++q) {
-              const int64_t n = q / g.L, p = q - n * g.L;
+              const int64_t n = q / g.L;
               const T* img = imgs + n * HWC;
               T* gimg = gimgs + n * HWC;
               T* pp = part + ((b * P + (q - q0)) * K) * 3;
-              for (int64_t k = 0; k < K; ++k, pp += 3) {
-                T y, xx, m;
-                taps.sample(n, p, blk.og, k, y, xx, m);
-                cr.set(y, xx, g.H, g.W);
+              const TapCorners<T>* tc = corners.data() + ((q - q0) * g.OG + blk.og) * K;
+              for (int64_t k = 0; k < K; ++k, pp += 3, ++tc) {
+                const Corners<T>& cr = tc->cr;
+                const T m = tc->m;
                 T gy = 0, gx = 0, gm = 0;
                 const B* gv = gc + (q - q0) * K * C + blk.grp * K * Cg + k * Cg + (blk.c0 - blk.grp * Cg);
                 for (int t = 0; t < cr.n; ++t) {
@@ -1066,10 +1101,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> deform_co
     }
     if (need_w) grad_w = at::stack(gw);
   }
-  const at::Tensor grad_in = grad_in_cl.permute({0, 3, 1, 2});
-
+  // grad_input back to NCHW with the blocked transpose (torch's permute-contiguous of c3's gradient took
+  // several times as long)
   const auto in_t = input.scalar_type();
-  at::Tensor grad_input = grad_in.contiguous().to(in_t);
+  at::Tensor grad_in = at::empty({g.N, g.C, g.H, g.W}, opts);
+  AT_DISPATCH_FLOATING_TYPES(ct, "dcnv2_deform_conv2d_grad_input", [&] {
+    const int64_t HW = g.H * g.W;
+    for (int64_t n = 0; n < g.N; ++n) {
+      transpose_add<scalar_t>(grad_in_cl.data_ptr<scalar_t>() + n * HW * g.C, g.C, grad_in.data_ptr<scalar_t>() + n * g.C * HW,
+                              HW, HW, g.C, nullptr);
+    }
+  });
+  at::Tensor grad_input = grad_in.to(in_t);
   at::Tensor grad_offset = grad_off_r.view({g.N, g.Ho, g.Wo, g.OG * 2 * g.K}).permute({0, 3, 1, 2}).contiguous().to(in_t);
   at::Tensor grad_mask = mask ? grad_mask_r.view({g.N, g.Ho, g.Wo, g.OG * g.K}).permute({0, 3, 1, 2}).contiguous().to(in_t)
                               : at::empty({0}, input.options());
