@@ -435,17 +435,6 @@ void transpose_block(const T* src, int64_t ld_s, T* dst, int64_t ld_d, int64_t i
     transpose_scalar(src, ld_s, dst, ld_d, i0, i1, j8, j1, add);  // the columns right of them
     return;
   }
-  if constexpr (std::is_same<T, uint16_t>::value) {  // bfloat16 bits, moved as they are
-    if (!add) {
-      const int64_t i8 = i0 + (i1 - i0) / 8 * 8, j8 = j0 + (j1 - j0) / 8 * 8;
-      for (int64_t j = j0; j < j8; j += 8) {
-        for (int64_t i = i0; i < i8; i += 8) transpose8x8_bf16(src + i * ld_s + j, ld_s, dst + j * ld_d + i, ld_d, nullptr);
-      }
-      transpose_scalar(src, ld_s, dst, ld_d, i8, i1, j0, j8, add);
-      transpose_scalar(src, ld_s, dst, ld_d, i0, i1, j8, j1, add);
-      return;
-    }
-  }
 #endif
   transpose_scalar(src, ld_s, dst, ld_d, i0, i1, j0, j1, add);
 }
@@ -535,7 +524,7 @@ at::Tensor channels_last_bf16(const at::Tensor& input, ScratchSlot slot = kScrat
   const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), HW = H * W;
   at::Tensor out = scratch(slot, {N, H, W, C}, x.options());
   for (int64_t n = 0; n < N; ++n) {
-    transpose_add<uint16_t>(bf16_bits(x) + n * C * HW, HW, bf16_bits(out) + n * HW * C, C, C, HW, nullptr);
+    transpose_add_bf16(bf16_bits(x) + n * C * HW, HW, bf16_bits(out) + n * HW * C, C, C, HW, nullptr);
   }
   return out;
 }
