@@ -6,7 +6,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from dcnv2.ops import _checks, reference
+from dcnv2.ops import _checks, _layout, reference
 from dcnv2.ops import triton as _triton
 from dcnv2.ops._native import HAS_NATIVE
 from dcnv2.ops.trace_mode import in_torchvision_form
@@ -141,17 +141,17 @@ if HAS_NATIVE:
         _, _, kh, kw = weight.shape
         Ho = (H + 2 * padding[0] - (dilation[0] * (kh - 1) + 1)) // stride[0] + 1
         Wo = (W + 2 * padding[1] - (dilation[1] * (kw - 1) + 1)) // stride[1] + 1
-        return input.new_empty((N, weight.shape[0], Ho, Wo))
+        return input.new_empty((N, weight.shape[0], Ho, Wo)).contiguous(memory_format=_layout.format_of(input))
 
     @torch.library.register_fake("dcnv2::_deform_conv2d_backward")
     def _fake_backward(grad, input, weight, offset, mask, bias, stride, padding, dilation, groups, offset_groups,
                        output_mask=(True, True, True)):
         empty = input.new_empty((0,))
-        return (
-            torch.empty_like(input, memory_format=torch.contiguous_format),
-            torch.empty_like(weight, memory_format=torch.contiguous_format),
-            torch.empty_like(offset, memory_format=torch.contiguous_format),
-            torch.empty_like(mask, memory_format=torch.contiguous_format) if mask is not None else empty,
+        return (  # each gradient in its tensor's layout
+            torch.empty_like(input, memory_format=_layout.format_of(input)),
+            torch.empty_like(weight, memory_format=_layout.format_of(weight)),
+            torch.empty_like(offset, memory_format=_layout.format_of(offset)),
+            torch.empty_like(mask, memory_format=_layout.format_of(mask)) if mask is not None else empty,
             input.new_empty((weight.shape[0],)) if bias is not None else empty,
         )
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from dcnv2.ops import _layout
 from dcnv2.ops.triton import deform_conv, roi_pool
 
 _lib = None  # the Library object must stay alive for the registrations to last
@@ -28,16 +29,19 @@ class _Null:
 
 def _conv_fwd(input, weight, offset, mask, bias, stride, padding, dilation, groups, offset_groups):
     with _device_guard(input):
-        return deform_conv.conv_forward(input, weight, offset, mask, bias, stride, padding, dilation, groups,
-                                        offset_groups)
+        out = deform_conv.conv_forward(input, weight, offset, mask, bias, stride, padding, dilation, groups,
+                                       offset_groups)
+    return _layout.like(out, input)  # the op's layout rule, which the fake kernel states (dcnv2.ops._layout)
 
 
 def _conv_bwd(grad, input, weight, offset, mask, bias, stride, padding, dilation, groups, offset_groups,
               output_mask=(True, True, True)):
     # the Triton backward computes every gradient; autograd drops those output_mask leaves out
     with _device_guard(input):
-        return deform_conv.conv_backward(grad, input, weight, offset, mask, bias, stride, padding, dilation,
-                                         groups, offset_groups)
+        g_in, g_w, g_off, g_mask, g_b = deform_conv.conv_backward(grad, input, weight, offset, mask, bias, stride,
+                                                                  padding, dilation, groups, offset_groups)
+    return (_layout.like(g_in, input), _layout.like(g_w, weight), _layout.like(g_off, offset),
+            _layout.like(g_mask, mask) if mask is not None else g_mask, g_b)
 
 
 def _roi_fwd(input, rois, offset, mask, pooled_height, pooled_width, spatial_scale, sampling_ratio, gamma,

@@ -506,10 +506,20 @@ at::Tensor scratch(ScratchSlot slot, at::IntArrayRef sizes, const at::TensorOpti
   return buf.narrow(0, 0, numel).view(sizes);
 }
 
-// The batch in channels-last [N, H, W, C] in the compute type T.
+// Whether a 4-D tensor is laid out channels-last (torch.channels_last) and not also plain contiguous (C == 1
+// or a 1x1 map are both): the kernel reads such an input, weight and output gradient in place, and returns
+// its output and gradients in the layout of the tensor they belong to, as torch's convolutions do. The fake
+// kernels in deform_conv.py apply the same rule (dcnv2.ops._layout).
+bool is_channels_last(const at::Tensor& t) {
+  return t.dim() == 4 && t.is_contiguous(at::MemoryFormat::ChannelsLast) && !t.is_contiguous();
+}
+
+// The batch in channels-last [N, H, W, C] in the compute type T: a view of a channels-last input, else a copy.
 template <typename T>
 at::Tensor channels_last(const at::Tensor& input, ScratchSlot slot = kScratchInput) {
-  const at::Tensor x = input.to(c10::CppTypeToScalarType<T>::value).contiguous();
+  const at::Tensor typed = input.to(c10::CppTypeToScalarType<T>::value);
+  if (is_channels_last(typed)) return typed.permute({0, 2, 3, 1});
+  const at::Tensor x = typed.contiguous();
   const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), HW = H * W;
   at::Tensor out = scratch(slot, {N, H, W, C}, x.options());
   for (int64_t n = 0; n < N; ++n) {
@@ -520,6 +530,7 @@ at::Tensor channels_last(const at::Tensor& input, ScratchSlot slot = kScratchInp
 
 // The bfloat16 batch in channels-last [N, H, W, C] (bf16 bits moved as they are)
 at::Tensor channels_last_bf16(const at::Tensor& input, ScratchSlot slot = kScratchInput) {
+  if (is_channels_last(input)) return input.permute({0, 2, 3, 1});
   const at::Tensor x = input.contiguous();
   const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), HW = H * W;
   at::Tensor out = scratch(slot, {N, H, W, C}, x.options());
@@ -689,6 +700,24 @@ void rows_to_channels(const S* src, int64_t q0, int64_t np, int64_t M, D* dst, i
   });
 }
 
+// The GEMM's pixel-major rows of one tile into a channels-last output's rows: dst[r * ld + c] = src[r * M + c]
+// + bias[c] for r < np, c < M (dst points at the tile's first row and the group's first channel; the bias is
+// added in T as rows_to_channels adds it, so both layouts hold the same bits).
+template <typename T, typename D>
+void rows_to_rows(const D* src, int64_t np, int64_t M, D* dst, int64_t ld, const T* bias) {
+  at::parallel_for(0, np, 64, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const D* s = src + r * M;
+      D* d = dst + r * ld;
+      if (!bias) {
+        std::memcpy(d, s, static_cast<size_t>(M) * sizeof(D));
+        continue;
+      }
+      for (int64_t c = 0; c < M; ++c) d[c] = store_val<D, T>(load_val(s[c]) + bias[c]);
+    }
+  });
+}
+
 // d[q] += wm * gv[q] for q < len; returns sum_q gv[q] * s[q]. The sum runs in kLanes independent
 // partial sums (a fixed order, so results stay bit-identical run to run) so the compiler can keep it
 // in vector registers: a single running sum is a serial dependency it may not reorder.
@@ -785,8 +814,11 @@ at::Tensor rows(const at::Tensor& t, at::ScalarType ct) {
   return t.to(ct).permute({0, 2, 3, 1}).contiguous();
 }
 
-// weight as [G, Cout/G, K * Cg] with the tap index outside the channel index, matching the columns
+// weight as [G, Cout/G, K * Cg] with the tap index outside the channel index, matching the columns: a view
+// of a channels-last weight ([Cout, kh, kw, Cg] is that matrix), else a transposed copy
 at::Tensor weight_matrix(const at::Tensor& weight, const Geometry& g, at::ScalarType ct) {
+  const at::Tensor typed = weight.to(ct);
+  if (is_channels_last(typed)) return typed.permute({0, 2, 3, 1}).reshape({g.G, g.Coutg(), g.K * g.Cg()});  // a view
   if (ct == at::kFloat || ct == at::kDouble) {
     const at::Tensor w = weight.to(ct).contiguous();
     at::Tensor out = scratch(kScratchWeight, {g.G, g.Coutg(), g.K * g.Cg()}, w.options());
@@ -828,9 +860,12 @@ bool bf16_fast_path() {
 // memory-bound fill overlaps another's GEMM), instead of three parallel regions with a barrier each per
 // tile. The tiles are cut to a multiple of the thread count, all of one size, so the threads get equal
 // shares.
+//
+// A channels-last output (out_rows) takes the GEMM's rows as they are, the bias added on the way, instead of
+// the transpose.
 template <typename T, typename S, typename D>
 void forward_tiles(const Geometry& g, const TapReader<T>& taps, const S* img, const at::Tensor& wmat, D* out,
-                   const T* bias, const at::TensorOptions& col_opts) {
+                   bool out_rows, const T* bias, const at::TensorOptions& col_opts) {
   const int64_t NL = g.N * g.L;
   const int64_t threads = at::in_parallel_region() ? 1 : at::get_num_threads();
   const int64_t P0 = tile_pixels(g, sizeof(D));
@@ -852,8 +887,13 @@ void forward_tiles(const Geometry& g, const TapReader<T>& taps, const S* img, co
       const at::Tensor res = gemm[grp](cols).contiguous();         // [np, Coutg]
       TORCH_CHECK(res.scalar_type() == col_type, "deform_conv2d: the tile GEMM returned ", res.scalar_type(),
                   " for ", col_type, " columns");
-      rows_to_channels<T, D, D>(elem_ptr<D>(res), q0, np, g.Coutg(), out + grp * g.Coutg() * g.L, g.Cout, g.L,
-                                bias ? bias + grp * g.Coutg() : nullptr);
+      const T* group_bias = bias ? bias + grp * g.Coutg() : nullptr;
+      if (out_rows) {
+        rows_to_rows<T, D>(elem_ptr<D>(res), np, g.Coutg(), out + q0 * g.Cout + grp * g.Coutg(), g.Cout, group_bias);
+      } else {
+        rows_to_channels<T, D, D>(elem_ptr<D>(res), q0, np, g.Coutg(), out + grp * g.Coutg() * g.L, g.Cout, g.L,
+                                  group_bias);
+      }
     }
   };
   ++g_forward_counts[tile_parallel ? 0 : 1];
@@ -878,8 +918,12 @@ at::Tensor deform_conv2d_forward_cpu(const at::Tensor& input, const at::Tensor& 
   const bool bf16 = input.scalar_type() == at::kBFloat16 && bf16_fast_path();
   const auto ct = compute_type(input.scalar_type());
   const auto ot = bf16 ? at::kBFloat16 : ct;  // the columns' and the output's type
-  // every output element is written by exactly one tile GEMM, so no zero-fill is needed
-  at::Tensor out = at::empty({g.N, g.Cout, g.Ho, g.Wo}, input.options().dtype(ot));
+  // every output element is written by exactly one tile GEMM, so no zero-fill is needed; a channels-last input
+  // gets a channels-last output, written row by row
+  const bool out_rows = is_channels_last(input);
+  at::Tensor out = at::empty({g.N, g.Cout, g.Ho, g.Wo}, input.options().dtype(ot).memory_format(
+                                                           out_rows ? at::MemoryFormat::ChannelsLast
+                                                                    : at::MemoryFormat::Contiguous));
   if (g.N == 0) return out.to(input.scalar_type());
   const at::Tensor off_r = rows(offset, ct);  // exact for bf16: every bf16 is a float32
   const at::Tensor mask_r = mask ? rows(*mask, ct) : at::Tensor();
@@ -889,7 +933,7 @@ at::Tensor deform_conv2d_forward_cpu(const at::Tensor& input, const at::Tensor& 
   if (bf16) {
     const at::Tensor x_cl = channels_last_bf16(input);
     TapReader<float> taps{g, off_r.data_ptr<float>(), mask ? mask_r.data_ptr<float>() : nullptr};
-    forward_tiles<float, uint16_t, uint16_t>(g, taps, bf16_bits(x_cl), wmat, bf16_bits(out),
+    forward_tiles<float, uint16_t, uint16_t>(g, taps, bf16_bits(x_cl), wmat, bf16_bits(out), out_rows,
                                              bias_c.defined() ? bias_c.data_ptr<float>() : nullptr, col_opts);
     return out;
   }
@@ -897,7 +941,7 @@ at::Tensor deform_conv2d_forward_cpu(const at::Tensor& input, const at::Tensor& 
   AT_DISPATCH_FLOATING_TYPES(ct, "dcnv2_deform_conv2d_forward", [&] {
     TapReader<scalar_t> taps{g, off_r.data_ptr<scalar_t>(), mask ? mask_r.data_ptr<scalar_t>() : nullptr};
     forward_tiles<scalar_t, scalar_t, scalar_t>(g, taps, x_cl.data_ptr<scalar_t>(), wmat, out.data_ptr<scalar_t>(),
-                                                bias_c.defined() ? bias_c.data_ptr<scalar_t>() : nullptr, col_opts);
+                                                out_rows, bias_c.defined() ? bias_c.data_ptr<scalar_t>() : nullptr, col_opts);
   });
   return out.to(input.scalar_type());
 }
@@ -937,6 +981,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> deform_co
   at::Tensor grad_off_r = at::zeros({g.N, g.L, g.OG * 2 * g.K}, opts);
   at::Tensor grad_mask_r = mask ? at::zeros({g.N, g.L, g.OG * g.K}, opts) : at::Tensor();
   at::Tensor grad_w = at::zeros({g.G, g.Coutg(), g.K * g.Cg()}, opts);  // stays zero for an empty batch
+  const bool need_b = bias && bias->defined();
+  at::Tensor grad_b = need_b ? at::zeros({g.Cout}, opts) : at::empty({0}, input.options());
 
   if (g.N > 0) {
     // the batch in channels-last (one copy of the input); tiles run over its N * L output pixels
@@ -952,6 +998,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> deform_co
     const at::Tensor go = (bt == ct ? channels_last_as(ct, grad_output, kScratchGradOutput)
                                     : grad_output.to(bt).permute({0, 2, 3, 1}).contiguous())
                               .view({g.N * g.L, g.Cout});
+    // summed over the rows, so the bias gradient has the same bits whichever layout grad_output has
+    if (need_b) grad_b = go.to(ct).sum(0);
     const int64_t P = tile_pixels(g, at::elementSize(bt));
     at::Tensor col = scratch(kScratchColumns, {P, g.G, g.K * g.Cg()}, bopts);
     at::Tensor gcol = g.G > 1 ? scratch(kScratchGradColumns, {P, g.G, g.K * g.Cg()}, bopts) : at::Tensor();
@@ -1090,24 +1138,34 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> deform_co
     }
     if (need_w) grad_w = at::stack(gw);
   }
-  // grad_input back to NCHW with the blocked transpose (torch's permute-contiguous of c3's gradient took
-  // several times as long)
+  // Each gradient in the layout of its tensor (see is_channels_last): the channels-last results as they are,
+  // the others copied to NCHW. grad_input goes back with the blocked transpose (torch's permute-contiguous
+  // of c3's gradient took several times as long).
   const auto in_t = input.scalar_type();
-  at::Tensor grad_in = at::empty({g.N, g.C, g.H, g.W}, opts);
-  AT_DISPATCH_FLOATING_TYPES(ct, "dcnv2_deform_conv2d_grad_input", [&] {
-    const int64_t HW = g.H * g.W;
-    for (int64_t n = 0; n < g.N; ++n) {
-      transpose_add<scalar_t>(grad_in_cl.data_ptr<scalar_t>() + n * HW * g.C, g.C, grad_in.data_ptr<scalar_t>() + n * g.C * HW,
-                              HW, HW, g.C, nullptr);
-    }
-  });
+  at::Tensor grad_in = grad_in_cl.permute({0, 3, 1, 2});
+  if (!is_channels_last(input)) {
+    grad_in = at::empty({g.N, g.C, g.H, g.W}, opts);
+    AT_DISPATCH_FLOATING_TYPES(ct, "dcnv2_deform_conv2d_grad_input", [&] {
+      const int64_t HW = g.H * g.W;
+      for (int64_t n = 0; n < g.N; ++n) {
+        transpose_add<scalar_t>(grad_in_cl.data_ptr<scalar_t>() + n * HW * g.C, g.C,
+                                grad_in.data_ptr<scalar_t>() + n * g.C * HW, HW, HW, g.C, nullptr);
+      }
+    });
+  }
+  // [N, Ho, Wo, ch] rows as [N, ch, Ho, Wo] in the layout of `like`
+  auto like_layout = [&](const at::Tensor& rows_t, int64_t ch, const at::Tensor& like) {
+    const at::Tensor v = rows_t.view({g.N, g.Ho, g.Wo, ch}).permute({0, 3, 1, 2});
+    return (is_channels_last(like) ? v : v.contiguous()).to(in_t);
+  };
   at::Tensor grad_input = grad_in.to(in_t);
-  at::Tensor grad_offset = grad_off_r.view({g.N, g.Ho, g.Wo, g.OG * 2 * g.K}).permute({0, 3, 1, 2}).contiguous().to(in_t);
-  at::Tensor grad_mask = mask ? grad_mask_r.view({g.N, g.Ho, g.Wo, g.OG * g.K}).permute({0, 3, 1, 2}).contiguous().to(in_t)
-                              : at::empty({0}, input.options());
-  at::Tensor grad_weight = grad_w.view({g.G, g.Coutg(), g.K, g.Cg()}).permute({0, 1, 3, 2}).contiguous()
-                               .view({g.Cout, g.Cg(), g.kh, g.kw}).to(in_t);
-  at::Tensor grad_bias = (bias && bias->defined()) ? grad_output.to(ct).sum({0, 2, 3}).to(in_t) : at::empty({0}, input.options());
+  at::Tensor grad_offset = like_layout(grad_off_r, g.OG * 2 * g.K, offset);
+  at::Tensor grad_mask = mask ? like_layout(grad_mask_r, g.OG * g.K, *mask) : at::empty({0}, input.options());
+  at::Tensor grad_weight = is_channels_last(weight)
+                               ? grad_w.view({g.Cout, g.kh, g.kw, g.Cg()}).permute({0, 3, 1, 2}).to(in_t)
+                               : grad_w.view({g.G, g.Coutg(), g.K, g.Cg()}).permute({0, 1, 3, 2}).contiguous()
+                                     .view({g.Cout, g.Cg(), g.kh, g.kw}).to(in_t);
+  at::Tensor grad_bias = grad_b.to(in_t);
   return {grad_input, grad_weight, grad_offset, grad_mask, grad_bias};
 }
 
