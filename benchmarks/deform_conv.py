@@ -4,7 +4,9 @@ The 3x3 layers of ResNet-50 stages c3, c4, c5 at 800 px shorter side, modulated,
 ``--dtype bfloat16`` instead times ours and the dense conv in float32 and in bfloat16 side by side.
 ``--peers`` times the forward of ours, the dense conv, OpenVINO's DeformableConvolution, ONNX Runtime's
 DeformConv and torchvision's op (each peer's output checked against ours), at each ``--threads`` count
-(e.g. ``--threads 1 2``: the last column is our speed-up from the first count to the others).
+(e.g. ``--threads 1 2``: the last column is our speed-up from the first count to the others); ours and
+the dense conv run once more on channels-last tensors (torch.channels_last: a CPU model's usual layout,
+which our kernel reads in place), and the peers' ratios are given against both of ours.
 ``--small`` times the small maps of the demo's models (a batch of 64 crops at 12x12 stride 2 ... 2x2, a
 batch of 8 at 16x16 ... 4x4), forward and forward+backward, against the dense conv (and the forward
 against the dense conv on the zero-padded input, which cannot skip the taps that read the border).
@@ -293,18 +295,25 @@ def run_peers(repeats: int, batches, layers, thread_counts) -> list[dict]:
     for stage, C, H, W in layers:
         for N in batches:
             x, w, off, mask = make_case(C, H, W, N, requires_grad=False)
+            xc, wc, offc, maskc = (t.contiguous(memory_format=torch.channels_last) for t in (x, w, off, mask))
+            with torch.no_grad():  # the same bits in either layout
+                if not torch.equal(dcnv2.ops.deform_conv2d(xc, offc, wc, padding=1, mask=maskc),
+                                   dcnv2.ops.deform_conv2d(x, off, w, padding=1, mask=mask)):
+                    raise SystemExit("our channels-last output differs from our NCHW output")
             by_threads = {}
             for threads in thread_counts:
                 torch.set_num_threads(threads)
                 peer = peer_runners(x, w, off, mask, threads)
                 fns = [lambda: dcnv2.ops.deform_conv2d(x, off, w, padding=1, mask=mask),
                        lambda: F.conv2d(x, w, padding=1), *peer.values(),
-                       lambda: torchvision.ops.deform_conv2d(x, off, w, padding=1, mask=mask)]
+                       lambda: torchvision.ops.deform_conv2d(x, off, w, padding=1, mask=mask),
+                       lambda: dcnv2.ops.deform_conv2d(xc, offc, wc, padding=1, mask=maskc),
+                       lambda: F.conv2d(xc, wc, padding=1)]
                 with torch.no_grad():
                     t = best_times_blocked(fns, repeats)
                 by_threads[threads] = t
                 row = dict(stage=stage, C=C, H=H, W=W, N=N, threads=threads, ours=t[0], dense=t[1],
-                           openvino=t[2], onnxruntime=t[3], torchvision=t[4],
+                           openvino=t[2], onnxruntime=t[3], torchvision=t[4], ours_cl=t[5], dense_cl=t[6],
                            scaling=by_threads[thread_counts[0]][0] / t[0])
                 rows.append(row)
                 print_peer_row(row, header=len(rows) == 1, base_threads=thread_counts[0])
@@ -314,12 +323,15 @@ def run_peers(repeats: int, batches, layers, thread_counts) -> list[dict]:
 
 def print_peer_row(r: dict, header: bool, base_threads: int) -> None:
     if header:
-        print("| layer | N | threads | ours | dense conv | OpenVINO | ONNX Runtime | torchvision "
-              f"| ours, speed-up from {base_threads} thread(s) |")
-        print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
-    o = r["ours"]
-    cols = [f"{o * 1e3:.1f} ms ({o / r['dense']:.2f}x dense)", f"{r['dense'] * 1e3:.1f} ms"]
-    cols += [f"{r[k] * 1e3:.1f} ms ({r[k] / o:.2f}x ours)" for k in ("openvino", "onnxruntime", "torchvision")]
+        print("| layer | N | threads | ours | dense conv | ours, channels-last | dense conv, channels-last "
+              f"| OpenVINO | ONNX Runtime | torchvision | ours, speed-up from {base_threads} thread(s) |")
+        print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    o, oc = r["ours"], r["ours_cl"]
+    cols = [f"{o * 1e3:.1f} ms ({o / r['dense']:.2f}x dense)", f"{r['dense'] * 1e3:.1f} ms",
+            f"{oc * 1e3:.1f} ms ({oc / r['dense_cl']:.2f}x dense)", f"{r['dense_cl'] * 1e3:.1f} ms"]
+    cols += [f"{r[k] * 1e3:.1f} ms ({r[k] / o:.2f}x ours, {r[k] / oc:.2f}x channels-last)"
+             for k in ("openvino", "onnxruntime")]
+    cols += [f"{r['torchvision'] * 1e3:.1f} ms ({r['torchvision'] / o:.2f}x ours)"]
     print(f"| {r['stage']} C={r['C']} {r['H']}x{r['W']} | {r['N']} | {r['threads']} | " + " | ".join(cols)
           + f" | {r['scaling']:.2f}x |", flush=True)
 

@@ -46,9 +46,10 @@ def test_peer_mode_prints_every_runtime_at_each_thread_count():
     assert len(rows) == 2
     assert [row.split("|")[3].strip() for row in rows] == ["1", "2"]
     header = next(line for line in out.splitlines() if line.startswith("| layer"))
-    for column in ("ours", "dense conv", "OpenVINO", "ONNX Runtime", "torchvision"):
+    for column in ("ours", "dense conv", "ours, channels-last", "dense conv, channels-last", "OpenVINO",
+                   "ONNX Runtime", "torchvision"):
         assert column in header
-    assert all(row.count(" ms") == 5 for row in rows)
+    assert all(row.count(" ms") == 7 for row in rows)
 
 
 @pytest.mark.skipif(not HAVE_PEERS, reason="needs openvino, onnxruntime and onnx (pip install -e '.[bench]')")
