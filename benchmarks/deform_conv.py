@@ -359,27 +359,34 @@ def run_small(repeats: int, shapes) -> list[dict]:
     border) and oneDNN's dense conv skips those taps; a deformable conv cannot, since its taps move with
     the offsets. So the table also times the dense conv on the zero-padded input (the same output, with
     every tap computed): the dense arithmetic a deformable layer has to do, and the "all taps" ratio.
+    The last two columns time ours against the dense conv once more with every tensor channels-last.
     """
     rows = []
+    ours = lambda x, w, off, mask, conf: dcnv2.ops.deform_conv2d(x, off, w, mask=mask, **conf)  # noqa: E731
+    dense = lambda x, w, off, mask, conf: F.conv2d(x, w, **conf)  # noqa: E731
     for name, N, C, H, W, stride in shapes:
         x, w, off, mask, go = small_case(N, C, H, W, stride)
         conf = dict(stride=stride, padding=1)
         x_padded = F.pad(x, (1, 1, 1, 1))
+        cl = [t.contiguous(memory_format=torch.channels_last) for t in (x, w, off, mask, go)]
         with torch.no_grad():
-            f = best_times_blocked([lambda: dcnv2.ops.deform_conv2d(x, off, w, mask=mask, **conf),
-                                    lambda: F.conv2d(x, w, **conf),
-                                    lambda: F.conv2d(x_padded, w, stride=stride)], repeats)
-        leaves = [t.clone().requires_grad_() for t in (x, w, off, mask)]
-        b = best_times_blocked(
-            [backward_step(lambda x, w, off, mask: dcnv2.ops.deform_conv2d(x, off, w, mask=mask, **conf), leaves, go),
-             backward_step(lambda x, w, off, mask: F.conv2d(x, w, **conf), leaves, go)], repeats)
+            f = best_times_blocked([lambda: ours(x, w, off, mask, conf), lambda: dense(x, w, off, mask, conf),
+                                    lambda: F.conv2d(x_padded, w, stride=stride),
+                                    lambda: ours(*cl[:4], conf), lambda: dense(*cl[:4], conf)], repeats)
+        b = []
+        for fn, tensors in ((ours, (x, w, off, mask, go)), (dense, (x, w, off, mask, go)), (ours, cl), (dense, cl)):
+            leaves = [t.clone(memory_format=torch.preserve_format).requires_grad_() for t in tensors[:4]]
+            b.append(backward_step(lambda *a, fn=fn: fn(*a, conf), leaves, tensors[4]))
+        b = best_times_blocked(b, repeats)
         rows.append(dict(name=name, C=C, f=f, b=b))
         if len(rows) == 1:
             print("| batch x map | C | fwd ours | fwd dense | fwd dense, all taps | fwd ours/dense "
-                  "| fwd ours/dense all taps | fwd+bwd ours | fwd+bwd dense | fwd+bwd ours/dense |")
-            print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+                  "| fwd ours/dense all taps | fwd+bwd ours | fwd+bwd dense | fwd+bwd ours/dense "
+                  "| fwd ours/dense, channels-last | fwd+bwd ours/dense, channels-last |")
+            print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
         print(f"| {name} | {C} | {f[0] * 1e3:.2f} ms | {f[1] * 1e3:.2f} ms | {f[2] * 1e3:.2f} ms | {f[0] / f[1]:.2f}x "
-              f"| {f[0] / f[2]:.2f}x | {b[0] * 1e3:.2f} ms | {b[1] * 1e3:.2f} ms | {b[0] / b[1]:.2f}x |", flush=True)
+              f"| {f[0] / f[2]:.2f}x | {b[0] * 1e3:.2f} ms | {b[1] * 1e3:.2f} ms | {b[0] / b[1]:.2f}x "
+              f"| {f[3] / f[4]:.2f}x | {b[2] / b[3]:.2f}x |", flush=True)
     return rows
 
 

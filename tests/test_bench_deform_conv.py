@@ -80,6 +80,7 @@ def test_small_map_and_gradient_modes_print_their_tables():
     out = run_bench("--small", "--grads", "--threads", "1")
     assert "fwd+bwd ours/dense" in out and "fwd ours/dense all taps" in out
     small = [line.split("|")[1:-1] for line in out.splitlines() if line.startswith("| tiny | 8 |")]
-    assert len(small) == 1 and len(small[0]) == 10  # the dense conv on the zero-padded input is timed too
+    assert len(small) == 1 and len(small[0]) == 12  # the zero-padded dense conv and channels-last are timed too
+    assert "fwd ours/dense, channels-last" in out
     grads = [line.split("|")[3].strip() for line in out.splitlines() if line.startswith("| tiny C=8")]
     assert grads == ["all", "input only", "weight only"]
