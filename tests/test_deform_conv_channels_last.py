@@ -130,3 +130,21 @@ def test_a_channels_last_module_matches_its_nchw_self():
     out = layer_cl(x.contiguous(memory_format=CL))
     assert out.is_contiguous(memory_format=CL)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)  # the offset conv is torch's, in its own layout
+
+
+def test_the_cuda_wrapper_applies_the_same_layout_rule(monkeypatch):
+    """The Triton kernels return NCHW tensors; their registered wrappers hand them back in the op's layouts
+    (checked here with stand-ins for the kernels: no GPU is needed to see the rule applied)."""
+    from dcnv2.ops.triton import _register
+
+    x, off, w, b, conf, mask = wide_case(torch.float32)
+    xc, offc, wc, maskc = (t.contiguous(memory_format=CL) for t in (x, off, w, mask))
+    monkeypatch.setattr(_register.deform_conv, "conv_forward", lambda *a: torch.zeros(2, 16, 9, 11))
+    monkeypatch.setattr(_register.deform_conv, "conv_backward", lambda grad, i, wt, o, m, *rest: (
+        torch.zeros(i.shape), torch.zeros(wt.shape), torch.zeros(o.shape), torch.zeros(m.shape), torch.zeros(16)))
+    out = _register._conv_fwd(xc, w, off, mask, b, [1, 1], [1, 1], [1, 1], 1, 1)
+    assert out.is_contiguous(memory_format=CL)
+    assert _register._conv_fwd(x, wc, off, mask, b, [1, 1], [1, 1], [1, 1], 1, 1).is_contiguous()
+    grads = _register._conv_bwd(out, xc, w, offc, maskc, b, [1, 1], [1, 1], [1, 1], 1, 1)
+    assert [g.is_contiguous(memory_format=CL) for g in grads[:4]] == [True, False, True, True]
+    assert grads[1].is_contiguous()
