@@ -514,35 +514,25 @@ bool is_channels_last(const at::Tensor& t) {
   return t.dim() == 4 && t.is_contiguous(at::MemoryFormat::ChannelsLast) && !t.is_contiguous();
 }
 
-// The batch in channels-last [N, H, W, C] in the compute type T: a view of a channels-last input, else a copy.
-template <typename T>
-at::Tensor channels_last(const at::Tensor& input, ScratchSlot slot = kScratchInput) {
-  const at::Tensor typed = input.to(c10::CppTypeToScalarType<T>::value);
+// The batch in channels-last [N, H, W, C] in type t (float32, float64, or bfloat16 whose bits move as they
+// are): a view of a channels-last input, else a blocked-transpose copy into the scratch slot.
+at::Tensor channels_last_as(at::ScalarType t, const at::Tensor& input, ScratchSlot slot = kScratchInput) {
+  const at::Tensor typed = input.to(t);
   if (is_channels_last(typed)) return typed.permute({0, 2, 3, 1});
   const at::Tensor x = typed.contiguous();
   const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), HW = H * W;
   at::Tensor out = scratch(slot, {N, H, W, C}, x.options());
   for (int64_t n = 0; n < N; ++n) {
-    transpose_add<T>(x.data_ptr<T>() + n * C * HW, HW, out.data_ptr<T>() + n * HW * C, C, C, HW, nullptr);
+    if (t == at::kBFloat16) {
+      transpose_add_bf16(bf16_bits(x) + n * C * HW, HW, bf16_bits(out) + n * HW * C, C, C, HW, nullptr);
+    } else {
+      AT_DISPATCH_FLOATING_TYPES(t, "dcnv2_channels_last", [&] {
+        transpose_add<scalar_t>(x.data_ptr<scalar_t>() + n * C * HW, HW, out.data_ptr<scalar_t>() + n * HW * C, C,
+                                C, HW, nullptr);
+      });
+    }
   }
   return out;
-}
-
-// The bfloat16 batch in channels-last [N, H, W, C] (bf16 bits moved as they are)
-at::Tensor channels_last_bf16(const at::Tensor& input, ScratchSlot slot = kScratchInput) {
-  if (is_channels_last(input)) return input.permute({0, 2, 3, 1});
-  const at::Tensor x = input.contiguous();
-  const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), HW = H * W;
-  at::Tensor out = scratch(slot, {N, H, W, C}, x.options());
-  for (int64_t n = 0; n < N; ++n) {
-    transpose_add_bf16(bf16_bits(x) + n * C * HW, HW, bf16_bits(out) + n * HW * C, C, C, HW, nullptr);
-  }
-  return out;
-}
-
-// channels_last in the compute type ct (float32 or float64)
-at::Tensor channels_last_as(at::ScalarType ct, const at::Tensor& t, ScratchSlot slot = kScratchInput) {
-  return ct == at::kFloat ? channels_last<float>(t, slot) : channels_last<double>(t, slot);
 }
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
@@ -820,7 +810,7 @@ at::Tensor weight_matrix(const at::Tensor& weight, const Geometry& g, at::Scalar
   const at::Tensor typed = weight.to(ct);
   if (is_channels_last(typed)) return typed.permute({0, 2, 3, 1}).reshape({g.G, g.Coutg(), g.K * g.Cg()});  // a view
   if (ct == at::kFloat || ct == at::kDouble) {
-    const at::Tensor w = weight.to(ct).contiguous();
+    const at::Tensor w = typed.contiguous();
     at::Tensor out = scratch(kScratchWeight, {g.G, g.Coutg(), g.K * g.Cg()}, w.options());
     AT_DISPATCH_FLOATING_TYPES(ct, "dcnv2_weight_matrix", [&] {
       const scalar_t* src = w.data_ptr<scalar_t>();
@@ -834,7 +824,7 @@ at::Tensor weight_matrix(const at::Tensor& weight, const Geometry& g, at::Scalar
     });
     return out;
   }
-  return weight.to(ct).reshape({g.G, g.Coutg(), g.Cg(), g.K}).permute({0, 1, 3, 2}).contiguous()
+  return typed.reshape({g.G, g.Coutg(), g.Cg(), g.K}).permute({0, 1, 3, 2}).contiguous()
       .reshape({g.G, g.Coutg(), g.K * g.Cg()});
 }
 
@@ -931,7 +921,7 @@ at::Tensor deform_conv2d_forward_cpu(const at::Tensor& input, const at::Tensor& 
   const at::Tensor bias_c = bias && bias->defined() ? bias->to(ct).contiguous() : at::Tensor();
   const auto col_opts = out.options();
   if (bf16) {
-    const at::Tensor x_cl = channels_last_bf16(input);
+    const at::Tensor x_cl = channels_last_as(at::kBFloat16, input);
     TapReader<float> taps{g, off_r.data_ptr<float>(), mask ? mask_r.data_ptr<float>() : nullptr};
     forward_tiles<float, uint16_t, uint16_t>(g, taps, bf16_bits(x_cl), wmat, bf16_bits(out), out_rows,
                                              bias_c.defined() ? bias_c.data_ptr<float>() : nullptr, col_opts);
@@ -995,9 +985,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> deform_co
     const auto bopts = input.options().dtype(bt);
     const at::Tensor wmat = weight_matrix(weight, g, bt);
     // the output gradient as pixel-major rows [N * L, Cout]: a tile's rows are one contiguous slice
-    const at::Tensor go = (bt == ct ? channels_last_as(ct, grad_output, kScratchGradOutput)
-                                    : grad_output.to(bt).permute({0, 2, 3, 1}).contiguous())
-                              .view({g.N * g.L, g.Cout});
+    const at::Tensor go = channels_last_as(bt, grad_output, kScratchGradOutput).view({g.N * g.L, g.Cout});
     // summed over the rows, so the bias gradient has the same bits whichever layout grad_output has
     if (need_b) grad_b = go.to(ct).sum(0);
     const int64_t P = tile_pixels(g, at::elementSize(bt));
