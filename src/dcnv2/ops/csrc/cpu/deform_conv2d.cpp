@@ -578,6 +578,7 @@ void fill_columns(const Geometry& g, const TapReader<T>& taps, const S* batch_im
 #endif
   at::parallel_for(q0, q1, 16, [&](int64_t begin, int64_t end) {
     Corners<T> cr;
+    const T ymax = T(g.H - 1), xmax = T(g.W - 1);
     for (int64_t q = begin; q < end; ++q) {
       const int64_t n = q / g.L, p = q - n * g.L;
       const S* img = batch_img + n * g.H * g.W * C;
@@ -587,19 +588,41 @@ void fill_columns(const Geometry& g, const TapReader<T>& taps, const S* batch_im
         for (int64_t k = 0, i = 0, j = 0; k < K; ++k, j = (j + 1 == g.kw ? 0 : j + 1), i += (j == 0)) {
           T y, x, m;
           taps.tap(px, og, i, j, k, y, x, m);
-          cr.set(y, x, g.H, g.W);
+          // the corners' rows and modulated weights; all four inside (the common case) is computed in
+          // registers, as Corners::set would (the same operations, so the same bits): the weights'
+          // round trip through cr.w cost a store-forwarding stall per tap
+          int ncorner;
+          const S* sp[4];
           T cw[4];
-          for (int c = 0; c < cr.n; ++c) cw[c] = cr.w[c] * m;
+          if (y >= T(0) && y < ymax && x >= T(0) && x < xmax) {
+            const T yf = std::floor(y), xf = std::floor(x);
+            const T ly = y - yf, lx = x - xf, hy = T(1) - ly, hx = T(1) - lx;
+            sp[0] = img + (static_cast<int64_t>(yf) * g.W + static_cast<int64_t>(xf)) * C;
+            sp[1] = sp[0] + C;
+            sp[2] = sp[0] + g.W * C;
+            sp[3] = sp[2] + C;
+            cw[0] = hy * hx * m;
+            cw[1] = hy * lx * m;
+            cw[2] = ly * hx * m;
+            cw[3] = ly * lx * m;
+            ncorner = 4;
+          } else {
+            cr.set(y, x, g.H, g.W);
+            ncorner = cr.n;
+            for (int c = 0; c < ncorner; ++c) {
+              cw[c] = cr.w[c] * m;
+              sp[c] = img + cr.idx[c] * C;
+            }
+          }
           // the offset group's channels, split where they cross a group boundary
           for (int64_t c = og * Cog, cend = (og + 1) * Cog; c < cend;) {
             const int64_t grp = g.G == 1 ? 0 : c / Cg, seg_end = std::min(cend, (grp + 1) * Cg);
             const int64_t len = seg_end - c;
             D* dst = row + grp * K * Cg + k * Cg + (c - grp * Cg);
-            if (cr.n == 0) {
+            if (ncorner == 0) {
               std::fill(dst, dst + len, store_val<D, T>(T(0)));
-            } else if (cr.n == 4) {  // the common case: one pass over the destination
-              const S *s0 = img + cr.idx[0] * C + c, *s1 = img + cr.idx[1] * C + c;
-              const S *s2 = img + cr.idx[2] * C + c, *s3 = img + cr.idx[3] * C + c;
+            } else if (ncorner == 4) {  // the common case: one pass over the destination
+              const S *s0 = sp[0] + c, *s1 = sp[1] + c, *s2 = sp[2] + c, *s3 = sp[3] + c;
 #ifdef DCNV2_HAVE_AVX512_FILL
               if constexpr (std::is_same<T, float>::value && std::is_same<D, uint16_t>::value) {  // bf16 columns
                 if (wide) {
@@ -616,20 +639,18 @@ void fill_columns(const Geometry& g, const TapReader<T>& taps, const S* batch_im
                 bilinear4<T, S, D>(dst, s0, s1, s2, s3, cw[0], cw[1], cw[2], cw[3], len);
               }
             } else if constexpr (std::is_same<D, T>::value) {  // accumulate in place (float32/float64 columns)
-              const S* s0 = img + cr.idx[0] * C + c;
+              const S* s0 = sp[0] + c;
               const T w0 = cw[0];
               for (int64_t q = 0; q < len; ++q) dst[q] = store_val<D, T>(w0 * load_val(s0[q]));
-              for (int t = 1; t < cr.n; ++t) {
-                const S* s = img + cr.idx[t] * C + c;
+              for (int t = 1; t < ncorner; ++t) {
+                const S* s = sp[t] + c;
                 const T wt = cw[t];
                 for (int64_t q = 0; q < len; ++q) dst[q] = store_val<D, T>(load_val(dst[q]) + wt * load_val(s[q]));
               }
             } else {  // narrow columns: sum in T, round once
-              const S* sp[4];
-              for (int t = 0; t < cr.n; ++t) sp[t] = img + cr.idx[t] * C + c;
               for (int64_t q = 0; q < len; ++q) {
-                T v = cw[0] * load_val(sp[0][q]);
-                for (int t = 1; t < cr.n; ++t) v += cw[t] * load_val(sp[t][q]);
+                T v = cw[0] * load_val(sp[0][c + q]);
+                for (int t = 1; t < ncorner; ++t) v += cw[t] * load_val(sp[t][c + q]);
                 dst[q] = store_val<D, T>(v);
               }
             }
