@@ -236,6 +236,26 @@ def test_backward_is_deterministic():
 
 
 @pytest.mark.skipif(not HAS_NATIVE, reason="the C++ extension is not built")
+@pytest.mark.parametrize("channels", [64, 128])  # 32- and 64-channel blocks in the scatter pass
+def test_same_bits_with_one_and_two_threads(channels):
+    """The backward's channel blocks come from the shapes alone, so the output and every gradient have the
+    same bits whatever the thread count."""
+    runs = []
+    for threads in (1, 2):
+        torch.set_num_threads(threads)  # conftest puts the session's count back
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(2, channels, 20, 24, generator=g).requires_grad_()
+        w = (torch.randn(32, channels, 3, 3, generator=g) * 0.1).requires_grad_()
+        off = (torch.randn(2, 18, 20, 24, generator=g) * 3).requires_grad_()
+        mask = torch.rand(2, 9, 20, 24, generator=g).requires_grad_()
+        out = deform_conv2d(x, off, w, padding=1, mask=mask)
+        out.backward(torch.randn(2, 32, 20, 24, generator=g))
+        runs.append([out.detach()] + [t.grad for t in (x, w, off, mask)])
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.skipif(not HAS_NATIVE, reason="the C++ extension is not built")
 def test_opcheck():
     x, off, w, b, conf, mask = random_case(21, N=2, dtype=torch.float32)
     for m, bias in ((mask, b), (None, None)):
