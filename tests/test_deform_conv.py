@@ -187,7 +187,7 @@ def test_float32_tile_parallel_forward(groups):
     equal share each, the last tile partial): the forward agrees with float64 and every gradient too."""
     torch.set_num_threads(2)  # conftest puts the session's count back
     g = torch.Generator().manual_seed(8)
-    x = torch.randn(2, 64, 83, 79, generator=g, dtype=D)  # 13114 pixels: 8 tiles of 1640
+    x = torch.randn(2, 64, 83, 79, generator=g, dtype=D)  # 13114 pixels: 16 tiles of 820
     w = torch.randn(48, 64 // groups, 3, 3, generator=g, dtype=D) * 0.1
     b = torch.randn(48, generator=g, dtype=D)
     off = torch.randn(2, 18, 83, 79, generator=g, dtype=D) * 2
@@ -216,6 +216,24 @@ def test_forward_split_follows_the_thread_count_and_the_size(threads, pixels, sp
     out = deform_conv2d(x, off, w, padding=1)
     assert counts(x, True).tolist()[:2] == ([1, 0] if split == "parallel" else [0, 1])
     torch.testing.assert_close(out, reference.deform_conv2d(x, off, w, padding=(1, 1)), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(not HAS_NATIVE, reason="the C++ extension is not built")
+@pytest.mark.parametrize("channels, side, tiles", [(64, 40, 2), (512, 20, 2), (512, 24, 3)])
+def test_forward_tiles_are_2mb_and_at_least_256_rows(channels, side, tiles):
+    """One thread: float32 columns of 64 channels (2304 bytes a pixel) make 2 MB tiles of 910 rows, so 1600
+    pixels take 2 tiles; 512 channels (18 KB a pixel) would make 113-row tiles, and the 256-row floor gives
+    2 tiles for 400 pixels and 3 for 576."""
+    torch.set_num_threads(1)  # conftest puts the session's count back
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(1, channels, side, side, generator=g)
+    w = torch.randn(8, channels, 3, 3, generator=g) * 0.05
+    off = torch.randn(1, 18, side, side, generator=g)
+    counts = torch.ops.dcnv2._deform_conv2d_forward_counts
+    counts(x, True)
+    out = deform_conv2d(x, off, w, padding=1)
+    assert counts(x, True).tolist() == [0, 1, tiles]
+    torch.testing.assert_close(out, reference.deform_conv2d(x, off, w, padding=(1, 1)), rtol=1e-4, atol=1e-4)
 
 
 def test_backward_is_deterministic():

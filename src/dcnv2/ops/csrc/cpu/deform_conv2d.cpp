@@ -45,7 +45,14 @@
 namespace dcnv2 {
 namespace {
 
-constexpr int64_t kColumnBudgetBytes = 4 << 20;  // per column tile
+// Column tiles: at most 4 MB in the backward; 2 MB, but never fewer than 256 rows, in the forward. In-process
+// A/B on the 2-core AVX-512 machine, forward against the dense conv: the demo's small maps 5-8 % faster with
+// 2 MB (a batch of 8 at 16x16 1.30 -> 1.24x, 64 at 12x12 stride 2 1.43 -> 1.34x, 64 at 6x6 1.37 -> 1.27x),
+// c3/c4/c5 level; the 256-row floor keeps c5's wide rows (18 KB each) in GEMMs of over 200 rows, below which
+// they ran 5-10 % slower. The backward was level or slower with 2 MB tiles, so it keeps 4 MB.
+constexpr int64_t kColumnBudgetBytes = 4 << 20;
+constexpr int64_t kForwardColumnBudgetBytes = 2 << 20;
+constexpr int64_t kForwardMinTileRows = 256;
 constexpr int64_t kMinTilePixels = 64;
 // The backward's partition of grad_input: blocks of 64 channels, of 32 where C < 128 (so there are still two
 // blocks for two threads). On the 2-core AVX-512 machine, 64 rather than 32 made c3's forward+backward about
@@ -556,18 +563,25 @@ bool fwd_tile_parallel() {
   return on;
 }
 
-int64_t column_budget() {
-  static const int64_t budget = [] {
-    const char* env = std::getenv("DCNV2_TILE_BYTES");  // tuning knob for benchmarks
+// DCNV2_TILE_BYTES=n sets both passes' tiles to n bytes, with no row floor above kMinTilePixels (benchmarks)
+int64_t tile_bytes_override() {
+  static const int64_t bytes = [] {
+    const char* env = std::getenv("DCNV2_TILE_BYTES");
     const long long v = env ? std::atoll(env) : 0;
-    return v > 0 ? static_cast<int64_t>(v) : kColumnBudgetBytes;
+    return v > 0 ? static_cast<int64_t>(v) : int64_t(0);
   }();
-  return budget;
+  return bytes;
 }
 
-int64_t tile_pixels(const Geometry& g, size_t elem) {
+// output pixels per column tile of `elem`-byte columns: budget bytes, at least min_rows (and kMinTilePixels)
+int64_t tile_pixels(const Geometry& g, size_t elem, int64_t budget, int64_t min_rows) {
+  if (tile_bytes_override() > 0) {
+    budget = tile_bytes_override();
+    min_rows = kMinTilePixels;
+  }
   const int64_t per_pixel = std::max<int64_t>(1, g.K * g.C * static_cast<int64_t>(elem));
-  return std::max<int64_t>(1, std::min(g.N * g.L, std::max(kMinTilePixels, column_budget() / per_pixel)));
+  const int64_t rows = std::max({kMinTilePixels, min_rows, budget / per_pixel});
+  return std::max<int64_t>(1, std::min(g.N * g.L, rows));
 }
 
 // col[q - q0] = [G, K, Cg] modulated bilinear samples for the batch's output pixels [q0, q1)
@@ -884,7 +898,7 @@ void forward_tiles(const Geometry& g, const TapReader<T>& taps, const S* img, co
                    bool out_rows, const T* bias, const at::TensorOptions& col_opts) {
   const int64_t NL = g.N * g.L;
   const int64_t threads = at::in_parallel_region() ? 1 : at::get_num_threads();
-  const int64_t P0 = tile_pixels(g, sizeof(D));
+  const int64_t P0 = tile_pixels(g, sizeof(D), kForwardColumnBudgetBytes, kForwardMinTileRows);
   const bool tile_parallel = threads > 1 && fwd_tile_parallel() && NL >= threads * 4 * kMinTilePixels;
   const int64_t P = tile_parallel ? ceil_div(NL, ceil_div(ceil_div(NL, P0), threads) * threads) : P0;
   // The GEMM writes pixel-major rows [np, Cout]: on the CPUs measured this layout runs markedly faster
@@ -1016,7 +1030,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> deform_co
     const at::Tensor go = channels_last_as(bt, grad_output, kScratchGradOutput).view({g.N * g.L, g.Cout});
     // summed over the rows, so the bias gradient has the same bits whichever layout grad_output has
     if (need_b) grad_b = go.to(ct).sum(0);
-    const int64_t P = tile_pixels(g, at::elementSize(bt));
+    const int64_t P = tile_pixels(g, at::elementSize(bt), kColumnBudgetBytes, kMinTilePixels);
     at::Tensor col = scratch(kScratchColumns, {P, g.G, g.K * g.Cg()}, bopts);
     at::Tensor gcol = g.G > 1 ? scratch(kScratchGradColumns, {P, g.G, g.K * g.Cg()}, bopts) : at::Tensor();
     std::vector<RowGemm> gemm_t;  // grad_col = grad_out_rows @ wmat, i.e. weight wmat^T [K*Cg, Coutg]
