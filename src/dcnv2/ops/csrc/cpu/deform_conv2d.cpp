@@ -760,6 +760,20 @@ inline T scatter_and_dot(T* __restrict__ d, const B* __restrict__ gv, const T* _
   constexpr int kLanes = 8;
   T acc[kLanes] = {};
   int64_t q = 0;
+#if defined(__AVX2__) && defined(__FMA__)
+  // bf16 grad_col: GCC vectorises the widening loop below with 4-lane vectors only, which ran the bf16 scatter
+  // pass at half the float32 speed. The same lanes and the same fused operations in 8-lane registers.
+  if constexpr (std::is_same<T, float>::value && std::is_same<B, uint16_t>::value) {
+    const __m256 vw = _mm256_set1_ps(wm);
+    __m256 va = _mm256_setzero_ps();
+    for (; q + kLanes <= len; q += kLanes) {
+      const __m256 g8 = load8(gv + q);
+      if constexpr (Scatter) _mm256_storeu_ps(d + q, _mm256_fmadd_ps(vw, g8, _mm256_loadu_ps(d + q)));
+      va = _mm256_fmadd_ps(g8, _mm256_loadu_ps(s + q), va);
+    }
+    _mm256_storeu_ps(acc, va);
+  }
+#endif
   for (; q + kLanes <= len; q += kLanes) {
     for (int u = 0; u < kLanes; ++u) {
       const T gq = load_val(gv[q + u]);
