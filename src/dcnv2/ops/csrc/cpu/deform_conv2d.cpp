@@ -1081,13 +1081,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> deform_co
           if (need_w) {
             at::Tensor cols = col.narrow(0, 0, np).select(1, grp);  // [np, K*Cg]
             // grad_w += go_g^T @ cols; bf16: the tile's GEMM (float32 accumulation, rounded once) summed in float32
-            at::Tensor go_t;  // go_g^T [Coutg, np], the GEMM's row-major left operand
+            // go_g^T [Coutg, np], the GEMM's row-major left operand, by the blocked transpose (torch's
+            // strided copy of a bf16 tile took several times as long)
+            at::Tensor go_t = scratch(kScratchGradOutputTile, {g.Coutg(), np}, bopts);
             if constexpr (std::is_same<B, T>::value) {
-              go_t = scratch(kScratchGradOutputTile, {g.Coutg(), np}, bopts);
               transpose_add<T>(go.data_ptr<T>() + q0 * g.Cout + grp * g.Coutg(), g.Cout, go_t.data_ptr<T>(), np,
                                np, g.Coutg(), nullptr);
             } else {
-              go_t = go_g.t().contiguous();
+              transpose_add_bf16(elem_ptr<B>(go) + q0 * g.Cout + grp * g.Coutg(), g.Cout, elem_ptr<B>(go_t), np, np,
+                                 g.Coutg(), nullptr);
             }
             const at::Tensor tile_w = RowGemm(cols.t(), g.Coutg(), 1)(go_t);  // [Coutg, K*Cg]
             if (!gw[grp].defined()) {
