@@ -751,11 +751,11 @@ void rows_to_rows(const D* src, int64_t np, int64_t M, D* dst, int64_t ld, const
 // d[q] += wm * gv[q] for q < len; returns sum_q gv[q] * s[q]. The sum runs in kLanes independent
 // partial sums (a fixed order, so results stay bit-identical run to run) so the compiler can keep it
 // in vector registers: a single running sum is a serial dependency it may not reorder.
-// gv is read as B (T, or bfloat16 bits in the bf16 backward).
+// gv and s are read as B (T, or bfloat16 bits in the bf16 backward: grad_col and the input image, widened exactly).
 // Scatter = false computes the dot product alone (the input gradient was not asked for); the sum runs
 // in the same order either way, so the offset/mask gradients are bit-identical.
 template <bool Scatter, typename T, typename B = T>
-inline T scatter_and_dot(T* __restrict__ d, const B* __restrict__ gv, const T* __restrict__ s, T wm,
+inline T scatter_and_dot(T* __restrict__ d, const B* __restrict__ gv, const B* __restrict__ s, T wm,
                          int64_t len) {
   constexpr int kLanes = 8;
   T acc[kLanes] = {};
@@ -769,7 +769,7 @@ inline T scatter_and_dot(T* __restrict__ d, const B* __restrict__ gv, const T* _
     for (; q + kLanes <= len; q += kLanes) {
       const __m256 g8 = load8(gv + q);
       if constexpr (Scatter) _mm256_storeu_ps(d + q, _mm256_fmadd_ps(vw, g8, _mm256_loadu_ps(d + q)));
-      va = _mm256_fmadd_ps(g8, _mm256_loadu_ps(s + q), va);
+      va = _mm256_fmadd_ps(g8, load8(s + q), va);
     }
     _mm256_storeu_ps(acc, va);
   }
@@ -778,7 +778,7 @@ inline T scatter_and_dot(T* __restrict__ d, const B* __restrict__ gv, const T* _
     for (int u = 0; u < kLanes; ++u) {
       const T gq = load_val(gv[q + u]);
       if constexpr (Scatter) d[q + u] += wm * gq;
-      acc[u] += gq * s[q + u];
+      acc[u] += gq * load_val(s[q + u]);
     }
   }
   T dot = 0;
@@ -786,7 +786,7 @@ inline T scatter_and_dot(T* __restrict__ d, const B* __restrict__ gv, const T* _
   for (; q < len; ++q) {
     const T gq = load_val(gv[q]);
     if constexpr (Scatter) d[q] += wm * gq;
-    dot += gq * s[q];
+    dot += gq * load_val(s[q]);
   }
   return dot;
 }
@@ -1031,13 +1031,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> deform_co
   at::Tensor grad_b = need_b ? at::zeros({g.Cout}, opts) : at::empty({0}, input.options());
 
   if (g.N > 0) {
-    // the batch in channels-last (one copy of the input); tiles run over its N * L output pixels
-    const at::Tensor x_cl = channels_last_as(ct, input);
-    const at::Tensor off_r = rows(offset, ct);
-    const at::Tensor mask_r = mask ? rows(*mask, ct) : at::Tensor();
     // the column tiles, grad_col and the GEMMs run in bt: bfloat16 on the bf16 fast path
     const bool fast = input.scalar_type() == at::kBFloat16 && bf16_fast_path();
     const auto bt = fast ? at::kBFloat16 : ct;
+    // the batch in channels-last (a view of a channels-last input, else one copy); tiles run over its N * L
+    // output pixels. The bf16 fast path reads the bf16 input itself, widened exactly on load, where a float32
+    // copy of it used to be made.
+    const at::Tensor x_cl = channels_last_as(fast ? at::kBFloat16 : ct, input);
+    const at::Tensor off_r = rows(offset, ct);
+    const at::Tensor mask_r = mask ? rows(*mask, ct) : at::Tensor();
     const auto bopts = input.options().dtype(bt);
     const at::Tensor wmat = weight_matrix(weight, g, bt);
     // the output gradient as pixel-major rows [N * L, Cout]: a tile's rows are one contiguous slice
@@ -1058,9 +1060,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> deform_co
 
     auto body = [&](auto t_tag, auto b_tag) {
       using T = decltype(t_tag);  // sampling, scatter and gradient accumulation
-      using B = decltype(b_tag);  // columns, grad_col and GEMM operands
+      using B = decltype(b_tag);  // columns, grad_col, GEMM operands and the input image
       TapReader<T> taps{g, off_r.data_ptr<T>(), mask ? mask_r.data_ptr<T>() : nullptr};
-      const T* imgs = x_cl.data_ptr<T>();
+      const B* imgs = elem_ptr<B>(x_cl);
       T* gimgs = grad_in_cl.data_ptr<T>();
       T* goff = grad_off_r.data_ptr<T>();
       T* gmask = mask ? grad_mask_r.data_ptr<T>() : nullptr;
@@ -1071,7 +1073,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> deform_co
       for (int64_t q0 = 0; q0 < NL; q0 += P) {
         const int64_t q1 = std::min(NL, q0 + P), np = q1 - q0;
         if (need_w) {
-          fill_columns<T, T, B>(g, taps, imgs, q0, q1, elem_ptr<B>(col));
+          fill_columns<T, B, B>(g, taps, imgs, q0, q1, elem_ptr<B>(col));
           ++g_backward_counts[0];
         }
         const at::Tensor go_rows = go.narrow(0, q0, np);  // [np, Cout]
@@ -1132,7 +1134,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> deform_co
             const int64_t len = blk.c1 - blk.c0;
             for (int64_t q = q0; q < q1; ++q) {
               const int64_t n = q / g.L;
-              const T* img = imgs + n * HWC;
+              const B* img = imgs + n * HWC;
               T* gimg = gimgs + n * HWC;
               T* pp = part + ((b * P + (q - q0)) * K) * 3;
               const TapCorners<T>* tc = corners.data() + ((q - q0) * g.OG + blk.og) * K;
@@ -1143,7 +1145,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> deform_co
                 const B* gv = gc + (q - q0) * K * C + blk.grp * K * Cg + k * Cg + (blk.c0 - blk.grp * Cg);
                 for (int t = 0; t < cr.n; ++t) {
                   const int64_t base = cr.idx[t] * C + blk.c0;
-                  const T* s = img + base;
+                  const B* s = img + base;
                   T* d = gimg + base;
                   const T wm = cr.w[t] * m;
                   const T dot = need_in ? scatter_and_dot<true>(d, gv, s, wm, len)
