@@ -1191,7 +1191,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> deform_co
   // of c3's gradient took several times as long).
   const auto in_t = input.scalar_type();
   at::Tensor grad_in = grad_in_cl.permute({0, 3, 1, 2});
-  if (!is_channels_last(input)) {
+  if (!is_channels_last(input) && in_t == at::kBFloat16) {
+    // rounded to bf16 first, then transposed: half the bytes through the transpose, and no float32 NCHW copy
+    // (each element rounds the same either way)
+    const at::Tensor rounded = grad_in_cl.to(at::kBFloat16);
+    grad_in = at::empty({g.N, g.C, g.H, g.W}, input.options());
+    const int64_t HW = g.H * g.W;
+    for (int64_t n = 0; n < g.N; ++n) {
+      transpose_add_bf16(bf16_bits(rounded) + n * HW * g.C, g.C, bf16_bits(grad_in) + n * g.C * HW, HW, HW, g.C,
+                         nullptr);
+    }
+  } else if (!is_channels_last(input)) {
     grad_in = at::empty({g.N, g.C, g.H, g.W}, opts);
     AT_DISPATCH_FLOATING_TYPES(ct, "dcnv2_deform_conv2d_grad_input", [&] {
       const int64_t HW = g.H * g.W;
