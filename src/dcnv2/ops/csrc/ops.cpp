@@ -20,6 +20,9 @@ TORCH_LIBRARY(dcnv2, m) {
   m.def("_deform_conv2d_backward_counts(Tensor device_of, bool reset=False) -> Tensor");
   // The CPU float32/float64 forward's counters (tile-parallel calls, tile-serial calls, tiles run).
   m.def("_deform_conv2d_forward_counts(Tensor device_of, bool reset=False) -> Tensor");
+  // The CPU forward's cache of packed weights (dcnv2.ops.packed_weights): enable > 0 enables it, 0 disables
+  // and empties it, < 0 only reads; returns [enabled, entries, bytes, hits, misses].
+  m.def("_deform_conv2d_weight_cache(Tensor device_of, int enable=-1) -> Tensor");
   // Modulated deformable RoI pooling (DCNv2); offset=None and mask=None is RoIAlign.
   m.def(
       "deform_roi_pool(Tensor input, Tensor rois, Tensor? offset, Tensor? mask, int pooled_height, "

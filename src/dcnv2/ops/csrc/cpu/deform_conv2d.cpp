@@ -27,6 +27,8 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "weight_cache.h"
+
 #include <algorithm>
 #include <array>
 #include <atomic>
@@ -294,9 +296,27 @@ class RowGemm {
     if (!ops) return;
     onednn_ = true;
     if (uses < kPackFromUses || max_rows < kPackFromRows) return;
+    packed_ = pack(w, max_rows);
+  }
+
+  // Whether weights of type st go through oneDNN and can be packed (see pack).
+  static bool packs(at::ScalarType st) {
+    return (st == at::kFloat || st == at::kBFloat16) && onednn_enabled() && onednn_ops().has_value();
+  }
+
+  // w packed into oneDNN's blocked layout for GEMMs of about max_rows rows (only where packs(w's type)).
+  static at::Tensor pack(const at::Tensor& w, int64_t max_rows) {
     torch::jit::Stack stack{w.contiguous(), c10::IValue(max_rows)};
-    ops->reorder.callBoxed(&stack);
-    packed_ = stack[0].toTensor();
+    onednn_ops()->reorder.callBoxed(&stack);
+    return stack[0].toTensor();
+  }
+
+  // A GEMM with a weight packed earlier (by pack).
+  static RowGemm prepacked(const at::Tensor& packed) {
+    RowGemm gemm;
+    gemm.onednn_ = true;
+    gemm.packed_ = packed;
+    return gemm;
   }
 
   // Whether the bfloat16 tiles can take the fast path: oneDNN's bf16 matmul needs AVX-512 (BF16) or
@@ -355,6 +375,8 @@ class RowGemm {
     }();
     return on && at::globalContext().userEnabledMkldnn();
   }
+
+  RowGemm() = default;
 
   at::Tensor w_;
   at::Tensor packed_;
@@ -907,18 +929,55 @@ bool bf16_fast_path() {
 //
 // A channels-last output (out_rows) takes the GEMM's rows as they are, the bias added on the way, instead of
 // the transpose.
-template <typename T, typename S, typename D>
-void forward_tiles(const Geometry& g, const TapReader<T>& taps, const S* img, const at::Tensor& wmat, D* out,
-                   bool out_rows, const T* bias, const at::TensorOptions& col_opts) {
+struct TilePlan {
+  int64_t rows;        // output pixels per tile
+  bool tile_parallel;  // each thread its own tiles
+};
+
+TilePlan forward_plan(const Geometry& g, size_t col_elem) {
   const int64_t NL = g.N * g.L;
   const int64_t threads = at::in_parallel_region() ? 1 : at::get_num_threads();
-  const int64_t P0 = tile_pixels(g, sizeof(D), kForwardColumnBudgetBytes, kForwardMinTileRows);
+  const int64_t P0 = tile_pixels(g, col_elem, kForwardColumnBudgetBytes, kForwardMinTileRows);
   const bool tile_parallel = threads > 1 && fwd_tile_parallel() && NL >= threads * 4 * kMinTilePixels;
-  const int64_t P = tile_parallel ? ceil_div(NL, ceil_div(ceil_div(NL, P0), threads) * threads) : P0;
+  return {tile_parallel ? ceil_div(NL, ceil_div(ceil_div(NL, P0), threads) * threads) : P0, tile_parallel};
+}
+
+// The tile GEMM of each group (the weight as a matrix of type ot, see weight_matrix). With the weight cache
+// enabled (weight_cache.h), the weight packed by an earlier call, or packed now and kept for the next ones;
+// otherwise RowGemm packs it within this call only where enough large tiles share it.
+std::vector<RowGemm> forward_gemms(const at::Tensor& weight, const Geometry& g, at::ScalarType ot,
+                                   const TilePlan& plan) {
+  std::vector<RowGemm> gemm;
+  const bool cached = weight_cache_enabled() && RowGemm::packs(ot);
+  const PackedWeightKey key{ot, plan.rows, g.G};
+  if (cached) {
+    if (const auto packed = weight_cache_find(weight, key)) {
+      for (const at::Tensor& t : *packed) gemm.push_back(RowGemm::prepacked(t));
+      return gemm;
+    }
+  }
+  const at::Tensor wmat = weight_matrix(weight, g, ot);
+  if (!cached) {
+    for (int64_t grp = 0; grp < g.G; ++grp) gemm.emplace_back(wmat[grp], plan.rows, ceil_div(g.N * g.L, plan.rows));
+    return gemm;
+  }
+  std::vector<at::Tensor> packed;
+  for (int64_t grp = 0; grp < g.G; ++grp) {
+    packed.push_back(RowGemm::pack(wmat[grp], plan.rows));
+    gemm.push_back(RowGemm::prepacked(packed.back()));
+  }
+  weight_cache_insert(weight, key, std::move(packed));
+  return gemm;
+}
+
+template <typename T, typename S, typename D>
+void forward_tiles(const Geometry& g, const TapReader<T>& taps, const S* img, const std::vector<RowGemm>& gemm,
+                   const TilePlan& plan, D* out, bool out_rows, const T* bias, const at::TensorOptions& col_opts) {
+  const int64_t NL = g.N * g.L;
+  const int64_t P = plan.rows;
+  const bool tile_parallel = plan.tile_parallel;
   // The GEMM writes pixel-major rows [np, Cout]: on the CPUs measured this layout runs markedly faster
   // than writing the strided [Cout, np] slice of the output directly; one transposing copy follows.
-  std::vector<RowGemm> gemm;
-  for (int64_t grp = 0; grp < g.G; ++grp) gemm.emplace_back(wmat[grp], P, ceil_div(NL, P));
   const auto col_type = col_opts.dtype().toScalarType();
   // fill, GEMM and transpose of the tile of pixels [q0, q1) into col (the nested parallel loops of a
   // tile-parallel call run inline, on the calling thread)
@@ -971,20 +1030,21 @@ at::Tensor deform_conv2d_forward_cpu(const at::Tensor& input, const at::Tensor& 
   if (g.N == 0) return out.to(input.scalar_type());
   const at::Tensor off_r = rows(offset, ct);  // exact for bf16: every bf16 is a float32
   const at::Tensor mask_r = mask ? rows(*mask, ct) : at::Tensor();
-  const at::Tensor wmat = weight_matrix(weight, g, ot);
+  const TilePlan plan = forward_plan(g, at::elementSize(ot));
+  const std::vector<RowGemm> gemm = forward_gemms(weight, g, ot, plan);
   const at::Tensor bias_c = bias && bias->defined() ? bias->to(ct).contiguous() : at::Tensor();
   const auto col_opts = out.options();
   if (bf16) {
     const at::Tensor x_cl = channels_last_as(at::kBFloat16, input);
     TapReader<float> taps{g, off_r.data_ptr<float>(), mask ? mask_r.data_ptr<float>() : nullptr};
-    forward_tiles<float, uint16_t, uint16_t>(g, taps, bf16_bits(x_cl), wmat, bf16_bits(out), out_rows,
+    forward_tiles<float, uint16_t, uint16_t>(g, taps, bf16_bits(x_cl), gemm, plan, bf16_bits(out), out_rows,
                                              bias_c.defined() ? bias_c.data_ptr<float>() : nullptr, col_opts);
     return out;
   }
   const at::Tensor x_cl = channels_last_as(ct, input);
   AT_DISPATCH_FLOATING_TYPES(ct, "dcnv2_deform_conv2d_forward", [&] {
     TapReader<scalar_t> taps{g, off_r.data_ptr<scalar_t>(), mask ? mask_r.data_ptr<scalar_t>() : nullptr};
-    forward_tiles<scalar_t, scalar_t, scalar_t>(g, taps, x_cl.data_ptr<scalar_t>(), wmat, out.data_ptr<scalar_t>(),
+    forward_tiles<scalar_t, scalar_t, scalar_t>(g, taps, x_cl.data_ptr<scalar_t>(), gemm, plan, out.data_ptr<scalar_t>(),
                                                 out_rows, bias_c.defined() ? bias_c.data_ptr<scalar_t>() : nullptr, col_opts);
   });
   return out.to(input.scalar_type());
