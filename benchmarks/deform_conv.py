@@ -4,12 +4,15 @@ The 3x3 layers of ResNet-50 stages c3, c4, c5 at 800 px shorter side, modulated,
 ``--dtype bfloat16`` instead times ours and the dense conv in float32 and in bfloat16 side by side.
 ``--peers`` times the forward of ours, the dense conv, OpenVINO's DeformableConvolution, ONNX Runtime's
 DeformConv and torchvision's op (each peer's output checked against ours), at each ``--threads`` count
-(e.g. ``--threads 1 2``: the last column is our speed-up from the first count to the others); ours and
+(e.g. ``--threads 1 2``: one column is our speed-up from the first count to the others); ours and
 the dense conv run once more on channels-last tensors (torch.channels_last: a CPU model's usual layout,
-which our kernel reads in place), and the peers' ratios are given against both of ours.
+which our kernel reads in place), and the peers' ratios are given against both of ours; a last column
+times ours channels-last inside ``dcnv2.ops.packed_weights()`` (each weight packed once, as a runtime
+does with its constant weights) beside the dense conv and OpenVINO.
 ``--small`` times the small maps of the demo's models (a batch of 64 crops at 12x12 stride 2 ... 2x2, a
 batch of 8 at 16x16 ... 4x4), forward and forward+backward, against the dense conv (and the forward
-against the dense conv on the zero-padded input, which cannot skip the taps that read the border).
+against the dense conv on the zero-padded input, which cannot skip the taps that read the border, and
+channels-last inside ``dcnv2.ops.packed_weights()``).
 ``--grads`` times the backward with all gradients, the input's alone (a frozen layer, the analysis
 passes) and the weight's alone (frozen offsets), against the dense conv asked for the same.
 Everything runs side by side in one process; each time is the best of --repeats runs, and the table
@@ -311,10 +314,12 @@ def run_peers(repeats: int, batches, layers, thread_counts) -> list[dict]:
                        lambda: F.conv2d(xc, wc, padding=1)]
                 with torch.no_grad():
                     t = best_times_blocked(fns, repeats)
+                    with dcnv2.ops.packed_weights():  # ours as a runtime runs it: weights packed once
+                        p = best_times_blocked([fns[5], fns[6], fns[2]], repeats)
                 by_threads[threads] = t
                 row = dict(stage=stage, C=C, H=H, W=W, N=N, threads=threads, ours=t[0], dense=t[1],
                            openvino=t[2], onnxruntime=t[3], torchvision=t[4], ours_cl=t[5], dense_cl=t[6],
-                           scaling=by_threads[thread_counts[0]][0] / t[0])
+                           packed=p, scaling=by_threads[thread_counts[0]][0] / t[0])
                 rows.append(row)
                 print_peer_row(row, header=len(rows) == 1, base_threads=thread_counts[0])
                 del peer
@@ -324,16 +329,19 @@ def run_peers(repeats: int, batches, layers, thread_counts) -> list[dict]:
 def print_peer_row(r: dict, header: bool, base_threads: int) -> None:
     if header:
         print("| layer | N | threads | ours | dense conv | ours, channels-last | dense conv, channels-last "
-              f"| OpenVINO | ONNX Runtime | torchvision | ours, speed-up from {base_threads} thread(s) |")
-        print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+              f"| OpenVINO | ONNX Runtime | torchvision | ours, speed-up from {base_threads} thread(s) "
+              "| ours, channels-last, packed weights |")
+        print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     o, oc = r["ours"], r["ours_cl"]
     cols = [f"{o * 1e3:.1f} ms ({o / r['dense']:.2f}x dense)", f"{r['dense'] * 1e3:.1f} ms",
             f"{oc * 1e3:.1f} ms ({oc / r['dense_cl']:.2f}x dense)", f"{r['dense_cl'] * 1e3:.1f} ms"]
     cols += [f"{r[k] * 1e3:.1f} ms ({r[k] / o:.2f}x ours, {r[k] / oc:.2f}x channels-last)"
              for k in ("openvino", "onnxruntime")]
     cols += [f"{r['torchvision'] * 1e3:.1f} ms ({r['torchvision'] / o:.2f}x ours)"]
+    p = r["packed"]  # [ours, dense conv, OpenVINO], timed together inside dcnv2.ops.packed_weights()
     print(f"| {r['stage']} C={r['C']} {r['H']}x{r['W']} | {r['N']} | {r['threads']} | " + " | ".join(cols)
-          + f" | {r['scaling']:.2f}x |", flush=True)
+          + f" | {r['scaling']:.2f}x | {p[0] * 1e3:.1f} ms ({p[0] / p[1]:.2f}x dense, OpenVINO {p[2] / p[0]:.2f}x) |",
+          flush=True)
 
 
 def small_case(N: int, C: int, H: int, W: int, stride: int):
@@ -378,15 +386,18 @@ def run_small(repeats: int, shapes) -> list[dict]:
             leaves = [t.clone(memory_format=torch.preserve_format).requires_grad_() for t in tensors[:4]]
             b.append(backward_step(lambda *a, fn=fn: fn(*a, conf), leaves, tensors[4]))
         b = best_times_blocked(b, repeats)
-        rows.append(dict(name=name, C=C, f=f, b=b))
+        with torch.no_grad(), dcnv2.ops.packed_weights():
+            p = best_times_blocked([lambda: ours(*cl[:4], conf), lambda: dense(*cl[:4], conf)], repeats)
+        rows.append(dict(name=name, C=C, f=f, b=b, packed=p))
         if len(rows) == 1:
             print("| batch x map | C | fwd ours | fwd dense | fwd dense, all taps | fwd ours/dense "
                   "| fwd ours/dense all taps | fwd+bwd ours | fwd+bwd dense | fwd+bwd ours/dense "
-                  "| fwd ours/dense, channels-last | fwd+bwd ours/dense, channels-last |")
-            print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+                  "| fwd ours/dense, channels-last | fwd+bwd ours/dense, channels-last "
+                  "| fwd ours/dense, channels-last, packed weights |")
+            print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
         print(f"| {name} | {C} | {f[0] * 1e3:.2f} ms | {f[1] * 1e3:.2f} ms | {f[2] * 1e3:.2f} ms | {f[0] / f[1]:.2f}x "
               f"| {f[0] / f[2]:.2f}x | {b[0] * 1e3:.2f} ms | {b[1] * 1e3:.2f} ms | {b[0] / b[1]:.2f}x "
-              f"| {f[3] / f[4]:.2f}x | {b[2] / b[3]:.2f}x |", flush=True)
+              f"| {f[3] / f[4]:.2f}x | {b[2] / b[3]:.2f}x | {p[0] / p[1]:.2f}x |", flush=True)
     return rows
 
 

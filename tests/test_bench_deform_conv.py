@@ -47,9 +47,9 @@ def test_peer_mode_prints_every_runtime_at_each_thread_count():
     assert [row.split("|")[3].strip() for row in rows] == ["1", "2"]
     header = next(line for line in out.splitlines() if line.startswith("| layer"))
     for column in ("ours", "dense conv", "ours, channels-last", "dense conv, channels-last", "OpenVINO",
-                   "ONNX Runtime", "torchvision"):
+                   "ONNX Runtime", "torchvision", "ours, channels-last, packed weights"):
         assert column in header
-    assert all(row.count(" ms") == 7 for row in rows)
+    assert all(row.count(" ms") == 8 for row in rows)
 
 
 @pytest.mark.skipif(not HAVE_PEERS, reason="needs openvino, onnxruntime and onnx (pip install -e '.[bench]')")
@@ -80,7 +80,8 @@ def test_small_map_and_gradient_modes_print_their_tables():
     out = run_bench("--small", "--grads", "--threads", "1")
     assert "fwd+bwd ours/dense" in out and "fwd ours/dense all taps" in out
     small = [line.split("|")[1:-1] for line in out.splitlines() if line.startswith("| tiny | 8 |")]
-    assert len(small) == 1 and len(small[0]) == 12  # the zero-padded dense conv and channels-last are timed too
+    # the zero-padded dense conv, channels-last and packed weights are timed too
+    assert len(small) == 1 and len(small[0]) == 13
     assert "fwd ours/dense, channels-last" in out
     grads = [line.split("|")[3].strip() for line in out.splitlines() if line.startswith("| tiny C=8")]
     assert grads == ["all", "input only", "weight only"]
