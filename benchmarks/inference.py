@@ -298,6 +298,9 @@ def main(argv=None) -> int:
     p.add_argument("--no-latency", action="store_true", help="only the AP comparison (needs --demo-checkpoint)")
     p.add_argument("--eager-only", action="store_true",
                    help="latency of our float32 eager detectors only (regular vs deformable; no exports)")
+    p.add_argument("--packed-weights", action="store_true",
+                   help="time the eager detectors inside dcnv2.ops.packed_weights() (each deformable layer's "
+                        "weight packed once)")
     args = p.parse_args(argv)
     warnings.simplefilter("ignore")
     if args.threads:
@@ -309,7 +312,8 @@ def main(argv=None) -> int:
         out.append("deform_conv2d 256->256 3x3 at 50x84 (R-50 c4, 800 px): " + op_bf16_row(max(args.repeats, 5)))
         print(out[-1], flush=True)
     if not args.no_latency:
-        out += latency_table(args.models, args.repeats, args.eager_only)
+        with dcnv2.ops.packed_weights() if args.packed_weights else contextlib.nullcontext():
+            out += latency_table(args.models, args.repeats, args.eager_only)
     if args.demo_checkpoint:
         out += ap_table(args.demo_checkpoint, args.data, args.ap_images)
     print("\n".join(["", *out]))
