@@ -948,7 +948,7 @@ TilePlan forward_plan(const Geometry& g, size_t col_elem) {
 std::vector<RowGemm> forward_gemms(const at::Tensor& weight, const Geometry& g, at::ScalarType ot,
                                    const TilePlan& plan) {
   std::vector<RowGemm> gemm;
-  const bool cached = weight_cache_enabled() && RowGemm::packs(ot);
+  const bool cached = weight_cache_applies(weight) && RowGemm::packs(ot);
   const PackedWeightKey key{ot, plan.rows, g.G};
   if (cached) {
     if (const auto packed = weight_cache_find(weight, key)) {

@@ -60,14 +60,12 @@ void clear() {
 
 }  // namespace
 
-bool weight_cache_enabled() { return g_enabled.load(std::memory_order_relaxed); }
-
-// An inference tensor has no version counter (and can change in place inside inference_mode unseen):
-// never cached.
-static bool cacheable(const at::Tensor& weight) { return weight_cache_enabled() && !weight.is_inference(); }
+bool weight_cache_applies(const at::Tensor& weight) {
+  return g_enabled.load(std::memory_order_relaxed) && !weight.is_inference();
+}
 
 std::optional<std::vector<at::Tensor>> weight_cache_find(const at::Tensor& weight, const PackedWeightKey& key) {
-  if (!cacheable(weight)) return std::nullopt;
+  if (!weight_cache_applies(weight)) return std::nullopt;
   std::lock_guard<std::mutex> lock(g_mutex);
   for (auto it = g_entries.begin(); it != g_entries.end(); ++it) {
     if (it->raw != weight.unsafeGetTensorImpl() || !same_key(it->key, key)) continue;
@@ -83,7 +81,7 @@ std::optional<std::vector<at::Tensor>> weight_cache_find(const at::Tensor& weigh
 }
 
 void weight_cache_insert(const at::Tensor& weight, const PackedWeightKey& key, std::vector<at::Tensor> packed) {
-  if (!cacheable(weight)) return;
+  if (!weight_cache_applies(weight)) return;
   int64_t bytes = 0;
   for (const at::Tensor& t : packed) bytes += t.numel() * static_cast<int64_t>(t.element_size());
   std::lock_guard<std::mutex> lock(g_mutex);
@@ -115,7 +113,7 @@ at::Tensor weight_cache_control(const at::Tensor& device_of, int64_t enable) {
     bytes = g_bytes;
   }
   at::Tensor out = at::empty({5}, device_of.options().dtype(at::kLong));
-  out[0] = int64_t(weight_cache_enabled());
+  out[0] = int64_t(g_enabled.load());
   out[1] = entries;
   out[2] = bytes;
   out[3] = g_hits.load();

@@ -26,8 +26,9 @@ struct PackedWeightKey {
   int64_t variant;      // how the caller laid the weight out (groups, layout): its own tag
 };
 
-// Whether the cache is enabled.
-bool weight_cache_enabled();
+// Whether the cache is enabled and can hold `weight` (an inference tensor has no version counter, and can
+// change in place inside inference_mode unseen, so it is never cached).
+bool weight_cache_applies(const at::Tensor& weight);
 
 // The packed copies stored for `weight` under `key`, if the tensor is unchanged since they were stored.
 std::optional<std::vector<at::Tensor>> weight_cache_find(const at::Tensor& weight, const PackedWeightKey& key);
