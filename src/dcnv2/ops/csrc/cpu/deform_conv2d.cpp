@@ -914,21 +914,7 @@ bool bf16_fast_path() {
   return on && RowGemm::bf16_gemm_available();
 }
 
-// The forward's tiles of the batch's N * L output pixels: each tile is filled (samples computed in T from
-// the channels-last image of element type S, columns stored as D), multiplied (one RowGemm per group,
-// pixel-major rows of D) and transposed into the NCHW output (element type D), the bias (T) added on the
-// way. float32/float64 run T = S = D; the bfloat16 fast path runs T = float and S = D = bfloat16 bits:
-// float32 sampling, bf16 column tiles, oneDNN's bf16 GEMM with float32 accumulation, whose bf16 result
-// gets the bias added in float32 and is rounded again.
-//
-// Tile-parallel when every thread gets at least 4 * kMinTilePixels output pixels: each thread fills,
-// multiplies and transposes its own tiles (its column tile stays in its own cache, and one thread's
-// memory-bound fill overlaps another's GEMM), instead of three parallel regions with a barrier each per
-// tile. The tiles are cut to a multiple of the thread count, all of one size, so the threads get equal
-// shares.
-//
-// A channels-last output (out_rows) takes the GEMM's rows as they are, the bias added on the way, instead of
-// the transpose.
+// How the forward cuts the batch's output pixels into column tiles of col_elem-byte columns (see forward_tiles).
 struct TilePlan {
   int64_t rows;        // output pixels per tile
   bool tile_parallel;  // each thread its own tiles
@@ -948,28 +934,38 @@ TilePlan forward_plan(const Geometry& g, size_t col_elem) {
 std::vector<RowGemm> forward_gemms(const at::Tensor& weight, const Geometry& g, at::ScalarType ot,
                                    const TilePlan& plan) {
   std::vector<RowGemm> gemm;
-  const bool cached = weight_cache_applies(weight) && RowGemm::packs(ot);
-  const PackedWeightKey key{ot, plan.rows, g.G};
-  if (cached) {
-    if (const auto packed = weight_cache_find(weight, key)) {
-      for (const at::Tensor& t : *packed) gemm.push_back(RowGemm::prepacked(t));
-      return gemm;
-    }
-  }
-  const at::Tensor wmat = weight_matrix(weight, g, ot);
-  if (!cached) {
+  if (!weight_cache_applies(weight) || !RowGemm::packs(ot)) {
+    const at::Tensor wmat = weight_matrix(weight, g, ot);
     for (int64_t grp = 0; grp < g.G; ++grp) gemm.emplace_back(wmat[grp], plan.rows, ceil_div(g.N * g.L, plan.rows));
     return gemm;
   }
-  std::vector<at::Tensor> packed;
-  for (int64_t grp = 0; grp < g.G; ++grp) {
-    packed.push_back(RowGemm::pack(wmat[grp], plan.rows));
-    gemm.push_back(RowGemm::prepacked(packed.back()));
+  const PackedWeightKey key{ot, plan.rows, g.G};
+  std::optional<std::vector<at::Tensor>> packed = weight_cache_find(weight, key);
+  if (!packed) {
+    const at::Tensor wmat = weight_matrix(weight, g, ot);
+    packed.emplace();
+    for (int64_t grp = 0; grp < g.G; ++grp) packed->push_back(RowGemm::pack(wmat[grp], plan.rows));
+    weight_cache_insert(weight, key, *packed);
   }
-  weight_cache_insert(weight, key, std::move(packed));
+  for (const at::Tensor& t : *packed) gemm.push_back(RowGemm::prepacked(t));
   return gemm;
 }
 
+// The forward's tiles of the batch's N * L output pixels: each tile is filled (samples computed in T from
+// the channels-last image of element type S, columns stored as D), multiplied (one RowGemm per group,
+// pixel-major rows of D) and transposed into the NCHW output (element type D), the bias (T) added on the
+// way. float32/float64 run T = S = D; the bfloat16 fast path runs T = float and S = D = bfloat16 bits:
+// float32 sampling, bf16 column tiles, oneDNN's bf16 GEMM with float32 accumulation, whose bf16 result
+// gets the bias added in float32 and is rounded again.
+//
+// Tile-parallel when every thread gets at least 4 * kMinTilePixels output pixels: each thread fills,
+// multiplies and transposes its own tiles (its column tile stays in its own cache, and one thread's
+// memory-bound fill overlaps another's GEMM), instead of three parallel regions with a barrier each per
+// tile. The tiles are cut to a multiple of the thread count, all of one size, so the threads get equal
+// shares.
+//
+// A channels-last output (out_rows) takes the GEMM's rows as they are, the bias added on the way, instead of
+// the transpose.
 template <typename T, typename S, typename D>
 void forward_tiles(const Geometry& g, const TapReader<T>& taps, const S* img, const std::vector<RowGemm>& gemm,
                    const TilePlan& plan, D* out, bool out_rows, const T* bias, const at::TensorOptions& col_opts) {

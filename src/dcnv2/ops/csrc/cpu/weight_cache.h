@@ -23,7 +23,7 @@ namespace dcnv2 {
 struct PackedWeightKey {
   at::ScalarType type;  // the packed copies' element type
   int64_t rows;         // the GEMM's row count the copies were packed for
-  int64_t variant;      // how the caller laid the weight out (groups, layout): its own tag
+  int64_t variant;      // the caller's own tag (the forward: its group count)
 };
 
 // Whether the cache is enabled and can hold `weight` (an inference tensor has no version counter, and can
