@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from dcnv2.experiments.demo import DEMO_ITERS, DEMO_PRETRAIN_ITERS
+from dcnv2.experiments.demo import DEMO_ITERS, DEMO_PRETRAIN_ITERS, DEMO_TIME_LIMIT_MINUTES
 
 DEFAULT_PRESETS = ("regular", "mdconv-c3c5-mdpool")
 
@@ -45,7 +45,7 @@ def add_parser(sub) -> None:
                     "and says so. Plots (loss curves, detections, spatial support) go to --out.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--out", default="outputs/demo", help="output directory (data, runs, plots, tables)")
-    p.add_argument("--minutes", type=_positive_float, default=14.0,
+    p.add_argument("--minutes", type=_positive_float, default=DEMO_TIME_LIMIT_MINUTES,
                    help="time limit of the whole demo (data, both trainings, evaluation, plots): phases that "
                         "would overrun it stop early and are reported (with --fit-budget: the budget the schedule "
                         "is fitted to)")
