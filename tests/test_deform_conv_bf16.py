@@ -67,18 +67,25 @@ def test_bf16_matches_float64_reference(seed):
 @pytest.mark.parametrize("groups", [1, 2])
 def test_bf16_several_column_tiles_and_repeat_runs_bit_identical(groups):
     """An output larger than one bf16 column tile (4 MB = 3640 pixels of 9 x 64 channels), ending with a
-    partial tile; a second run gives bit-identical output and gradients."""
+    partial tile, and larger than one weight-gradient tile (16 MB = 14563 pixels: 2 tiles of 7500); a second
+    run gives bit-identical output and gradients."""
     g = torch.Generator().manual_seed(11)
-    x = torch.randn(1, 64, 70, 60, generator=g, dtype=D)
+    x = torch.randn(1, 64, 125, 120, generator=g, dtype=D)
     w = torch.randn(32, 64 // groups, 3, 3, generator=g, dtype=D) * 0.1
     b = torch.randn(32, generator=g, dtype=D)
-    off = torch.randn(1, 18, 70, 60, generator=g, dtype=D) * 2
-    mask = torch.rand(1, 9, 70, 60, generator=g, dtype=D)
+    off = torch.randn(1, 18, 125, 120, generator=g, dtype=D) * 2
+    mask = torch.rand(1, 9, 125, 120, generator=g, dtype=D)
     conf = dict(stride=(1, 1), padding=(1, 1), dilation=(1, 1))
     leaves, go, first = assert_bf16_close(x, off, w, b, mask, conf)
     for t in leaves:
         t.grad = None
+    counts = torch.ops.dcnv2._deform_conv2d_backward_counts
+    counts(x, True)
     second = run(leaves, conf, go)
+    # bf16 columns: 2 weight tiles, 5 scatter tiles; a CPU without oneDNN's bf16 GEMM computes in float32,
+    # whose columns take twice the bytes (3 weight tiles of 5000 rows, 9 scatter tiles of up to 1820)
+    fills, w_gemms, col_gemms, scatters, _ = counts(x, True).tolist()
+    assert (fills, w_gemms, col_gemms, scatters) in [(2, 2 * groups, 5 * groups, 5), (3, 3 * groups, 9 * groups, 9)]
     for name, a, c in zip(NAMES, first, second):
         assert torch.equal(a, c), f"{name} differs between two runs"
 

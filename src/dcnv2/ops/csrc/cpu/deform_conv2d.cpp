@@ -10,7 +10,8 @@
 // threads cuts its tiles to a multiple of the thread count and gives each thread its own share (see
 // forward_tiles).
 //
-// Backward recomputes the column tile (for grad_weight), forms grad_col with one GEMM and then makes
+// Backward recomputes the column tiles for grad_weight (tiles of their own, up to 16 MB, so that its GEMM
+// writes its large result few times), and per 4 MB tile forms grad_col with one GEMM and then makes
 // one fused pass per (pixel, tap) that scatters grad_input and takes the four corner dot products
 // from which grad_offset and grad_mask follow. The pass is parallel over fixed channel blocks (each
 // block owns its slice of grad_input), and per-block partials of the offset/mask gradients are
@@ -53,6 +54,10 @@ namespace {
 // c3/c4/c5 level; the 256-row floor keeps c5's wide rows (18 KB each) in GEMMs of over 200 rows, below which
 // they ran 5-10 % slower. The backward was level or slower with 2 MB tiles, so it keeps 4 MB.
 constexpr int64_t kColumnBudgetBytes = 4 << 20;
+// The backward's weight gradient has tiles of its own, up to 16 MB of columns: its GEMM (grad_out^T @ columns)
+// writes the whole [Cout, K * Cg] result once per tile, which on wide rows outweighs the GEMM's own work with
+// 4 MB tiles (c5, float32: 5 tiles of 227 rows take 26.6 ms against 23.2 for one, in oneDNN alone).
+constexpr int64_t kWeightGradColumnBudgetBytes = 16 << 20;
 constexpr int64_t kForwardColumnBudgetBytes = 2 << 20;
 constexpr int64_t kForwardMinTileRows = 256;
 constexpr int64_t kMinTilePixels = 64;
@@ -606,6 +611,16 @@ int64_t tile_pixels(const Geometry& g, size_t elem, int64_t budget, int64_t min_
   return std::max<int64_t>(1, std::min(g.N * g.L, rows));
 }
 
+// rows per tile of the backward's weight gradient: up to kWeightGradColumnBudgetBytes of columns, at least
+// the scatter pass's tile (min_rows), cut into tiles of equal size (a short last tile costs a whole pass over the
+// GEMM's result)
+int64_t weight_grad_tile_pixels(const Geometry& g, size_t elem, int64_t min_rows) {
+  const int64_t NL = g.N * g.L;
+  const int64_t most = tile_bytes_override() > 0 ? min_rows
+                                                 : tile_pixels(g, elem, kWeightGradColumnBudgetBytes, min_rows);
+  return std::max<int64_t>(1, ceil_div(NL, ceil_div(NL, most)));
+}
+
 // col[q - q0] = [G, K, Cg] modulated bilinear samples for the batch's output pixels [q0, q1)
 // (q = n * L + p), read from the channels-last batch img [N, H, W, C]. The samples are computed in T;
 // the image is read as S and the columns stored as D (bfloat16 bits for the bf16 forward, see
@@ -1082,7 +1097,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> deform_co
   at::Tensor grad_in_cl = at::zeros({g.N, g.H, g.W, g.C}, opts);  // channels-last, scattered into
   at::Tensor grad_off_r = at::zeros({g.N, g.L, g.OG * 2 * g.K}, opts);
   at::Tensor grad_mask_r = mask ? at::zeros({g.N, g.L, g.OG * g.K}, opts) : at::Tensor();
-  at::Tensor grad_w = at::zeros({g.G, g.Coutg(), g.K * g.Cg()}, opts);  // stays zero for an empty batch
+  at::Tensor grad_w;  // [G, Coutg, K * Cg]: the tiles' GEMMs summed, or zeros (an empty batch, not asked for)
   const bool need_b = bias && bias->defined();
   at::Tensor grad_b = need_b ? at::zeros({g.Cout}, opts) : at::empty({0}, input.options());
 
@@ -1102,8 +1117,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> deform_co
     const at::Tensor go = channels_last_as(bt, grad_output, kScratchGradOutput).view({g.N * g.L, g.Cout});
     // summed over the rows, so the bias gradient has the same bits whichever layout grad_output has
     if (need_b) grad_b = go.to(ct).sum(0);
+    const int64_t NL = g.N * g.L;
+    // the scatter pass's tiles (grad_col) and the weight gradient's (columns), see kWeightGradColumnBudgetBytes
     const int64_t P = tile_pixels(g, at::elementSize(bt), kColumnBudgetBytes, kMinTilePixels);
-    at::Tensor col = scratch(kScratchColumns, {P, g.G, g.K * g.Cg()}, bopts);
+    const int64_t Pw = need_w ? weight_grad_tile_pixels(g, at::elementSize(bt), P) : 0;
+    at::Tensor col = need_w ? scratch(kScratchColumns, {Pw, g.G, g.K * g.Cg()}, bopts) : at::Tensor();
     at::Tensor gcol = g.G > 1 ? scratch(kScratchGradColumns, {P, g.G, g.K * g.Cg()}, bopts) : at::Tensor();
     std::vector<RowGemm> gemm_t;  // grad_col = grad_out_rows @ wmat, i.e. weight wmat^T [K*Cg, Coutg]
     const int64_t tiles = ceil_div(g.N * g.L, P);
@@ -1124,40 +1142,42 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> deform_co
       T* gmask = mask ? grad_mask_r.data_ptr<T>() : nullptr;
       T* part = partial.data_ptr<T>();
       const B* gc = nullptr;  // this tile's grad_col rows [np, G, K, Cg]
-      const int64_t C = g.C, K = g.K, Cg = g.Cg(), HWC = g.H * g.W * g.C, NL = g.N * g.L;
-      std::vector<TapCorners<T>> corners(need_scatter ? static_cast<size_t>(P * g.OG * K) : 0);
-      for (int64_t q0 = 0; q0 < NL; q0 += P) {
-        const int64_t q1 = std::min(NL, q0 + P), np = q1 - q0;
-        if (need_w) {
-          fill_columns<T, B, B>(g, taps, imgs, q0, q1, elem_ptr<B>(col));
-          ++g_backward_counts[0];
+      const int64_t C = g.C, K = g.K, Cg = g.Cg(), HWC = g.H * g.W * g.C;
+      // the weight gradient: columns, then grad_w += grad_out^T @ columns, tile by tile
+      for (int64_t q0 = 0; need_w && q0 < NL; q0 += Pw) {
+        const int64_t q1 = std::min(NL, q0 + Pw), np = q1 - q0;
+        fill_columns<T, B, B>(g, taps, imgs, q0, q1, elem_ptr<B>(col));
+        ++g_backward_counts[0];
+        for (int64_t grp = 0; grp < g.G; ++grp) {
+          at::Tensor cols = col.narrow(0, 0, np).select(1, grp);  // [np, K*Cg]
+          // grad_w += go_g^T @ cols; bf16: the tile's GEMM (float32 accumulation, rounded once) summed in float32
+          // go_g^T [Coutg, np], the GEMM's row-major left operand, by the blocked transpose (torch's
+          // strided copy of a bf16 tile took several times as long)
+          at::Tensor go_t = scratch(kScratchGradOutputTile, {g.Coutg(), np}, bopts);
+          if constexpr (std::is_same<B, T>::value) {
+            transpose_add<T>(go.data_ptr<T>() + q0 * g.Cout + grp * g.Coutg(), g.Cout, go_t.data_ptr<T>(), np,
+                             np, g.Coutg(), nullptr);
+          } else {
+            transpose_add_bf16(elem_ptr<B>(go) + q0 * g.Cout + grp * g.Coutg(), g.Cout, elem_ptr<B>(go_t), np, np,
+                               g.Coutg(), nullptr);
+          }
+          const at::Tensor tile_w = RowGemm(cols.t(), g.Coutg(), 1)(go_t);  // [Coutg, K*Cg]
+          if (!gw[grp].defined()) {
+            gw[grp] = tile_w.to(ct);
+          } else {
+            gw[grp].add_(tile_w);
+          }
+          ++g_backward_counts[1];
         }
+      }
+      // grad_col = grad_out @ W, then the scatter pass, tile by tile
+      std::vector<TapCorners<T>> corners(need_scatter ? static_cast<size_t>(P * g.OG * K) : 0);
+      for (int64_t q0 = 0; need_scatter && q0 < NL; q0 += P) {
+        const int64_t q1 = std::min(NL, q0 + P), np = q1 - q0;
         const at::Tensor go_rows = go.narrow(0, q0, np);  // [np, Cout]
         at::Tensor gcol_single;  // with one group the GEMM result is the grad_col tile itself
         for (int64_t grp = 0; grp < g.G; ++grp) {
           at::Tensor go_g = go_rows.narrow(1, grp * g.Coutg(), g.Coutg());  // [np, Coutg]
-          if (need_w) {
-            at::Tensor cols = col.narrow(0, 0, np).select(1, grp);  // [np, K*Cg]
-            // grad_w += go_g^T @ cols; bf16: the tile's GEMM (float32 accumulation, rounded once) summed in float32
-            // go_g^T [Coutg, np], the GEMM's row-major left operand, by the blocked transpose (torch's
-            // strided copy of a bf16 tile took several times as long)
-            at::Tensor go_t = scratch(kScratchGradOutputTile, {g.Coutg(), np}, bopts);
-            if constexpr (std::is_same<B, T>::value) {
-              transpose_add<T>(go.data_ptr<T>() + q0 * g.Cout + grp * g.Coutg(), g.Cout, go_t.data_ptr<T>(), np,
-                               np, g.Coutg(), nullptr);
-            } else {
-              transpose_add_bf16(elem_ptr<B>(go) + q0 * g.Cout + grp * g.Coutg(), g.Cout, elem_ptr<B>(go_t), np, np,
-                                 g.Coutg(), nullptr);
-            }
-            const at::Tensor tile_w = RowGemm(cols.t(), g.Coutg(), 1)(go_t);  // [Coutg, K*Cg]
-            if (!gw[grp].defined()) {
-              gw[grp] = tile_w.to(ct);
-            } else {
-              gw[grp].add_(tile_w);
-            }
-            ++g_backward_counts[1];
-          }
-          if (!need_scatter) continue;
           if (g.G == 1) {
             gcol_single = gemm_t[0](go_g);
           } else {
@@ -1165,7 +1185,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> deform_co
           }
           ++g_backward_counts[2];
         }
-        if (!need_scatter) continue;
         ++g_backward_counts[need_in ? 3 : 4];
         gc = g.G == 1 ? elem_ptr<B>(gcol_single) : elem_ptr<B>(gcol);
         // the corners and mask of every (pixel, offset group, tap) of the tile, once: every channel block
@@ -1240,8 +1259,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> deform_co
     } else {
       AT_DISPATCH_FLOATING_TYPES(ct, "dcnv2_deform_conv2d_backward", [&] { body(scalar_t{}, scalar_t{}); });
     }
-    if (need_w) grad_w = at::stack(gw);
+    // one group's sum is the gradient as it is (at::stack would copy it once more: 9.4 MB on c5)
+    if (need_w) grad_w = g.G == 1 ? gw[0].unsqueeze(0) : at::stack(gw);
   }
+  if (!grad_w.defined()) grad_w = at::zeros({g.G, g.Coutg(), g.K * g.Cg()}, opts);
   // Each gradient in the layout of its tensor (see is_channels_last): the channels-last results as they are,
   // the others copied to NCHW. grad_input goes back with the blocked transpose (torch's permute-contiguous
   // of c3's gradient took several times as long).
