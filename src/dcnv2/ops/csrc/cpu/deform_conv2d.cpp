@@ -195,11 +195,49 @@ DCNV2_AVX512 inline __m256i round16_bf16(__m512 v) {
   r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC0));
   return _mm512_cvtepi32_epi16(r);
 }
+// 32 bf16 at p as two float32 vectors, the even elements (0, 2, ...) and the odd ones: a bf16 is the high half of
+// its float32, so one load and one shift or mask widen both (against a load, a zero-extension and a shift per
+// 16 elements)
+DCNV2_AVX512 inline void load32_split(const uint16_t* p, __m512& even, __m512& odd) {
+  const __m512i v = _mm512_loadu_si512(p);
+  even = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
+  odd = _mm512_castsi512_ps(_mm512_and_si512(v, _mm512_set1_epi32(static_cast<int>(0xFFFF0000u))));
+}
+// round16_bf16's rounding, the bf16 left in the high half of each 32-bit lane
+DCNV2_AVX512 inline __m512i round16_bf16_high(__m512 v) {
+  const __m512i u = _mm512_castps_si512(v);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  const __m512i r = _mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7FFF)), lsb);
+  return _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC00000));
+}
 template <typename S>
 DCNV2_AVX512 void bilinear4_wide(uint16_t* __restrict__ dst, const S* s0, const S* s1, const S* s2, const S* s3,
                                  float w0, float w1, float w2, float w3, int64_t len) {
   const __m512 v0 = _mm512_set1_ps(w0), v1 = _mm512_set1_ps(w1), v2 = _mm512_set1_ps(w2), v3 = _mm512_set1_ps(w3);
-  for (int64_t q = 0; q < len; q += 16) {
+  int64_t q = 0;
+  if constexpr (std::is_same<S, uint16_t>::value) {
+    // a bf16 image, 32 channels at a time as even and odd halves: the same products, sums and rounding per
+    // element as the 16-lane loop below, so the same bits, with a quarter fewer instructions (the bf16 fill
+    // is bound by them, not by memory)
+    for (; q + 32 <= len; q += 32) {
+      __m512 e0, o0, e1, o1, e2, o2, e3, o3;
+      load32_split(s0 + q, e0, o0);
+      load32_split(s1 + q, e1, o1);
+      load32_split(s2 + q, e2, o2);
+      load32_split(s3 + q, e3, o3);
+      __m512 e = _mm512_mul_ps(v0, e0), o = _mm512_mul_ps(v0, o0);
+      e = _mm512_fmadd_ps(v1, e1, e);
+      o = _mm512_fmadd_ps(v1, o1, o);
+      e = _mm512_fmadd_ps(v2, e2, e);
+      o = _mm512_fmadd_ps(v2, o2, o);
+      e = _mm512_fmadd_ps(v3, e3, e);
+      o = _mm512_fmadd_ps(v3, o3, o);
+      // even elements from the low 16-bit words, odd ones from the high words
+      const __m512i even = _mm512_srli_epi32(round16_bf16_high(e), 16);
+      _mm512_storeu_si512(dst + q, _mm512_mask_blend_epi16(0xAAAAAAAAu, even, round16_bf16_high(o)));
+    }
+  }
+  for (; q < len; q += 16) {
     const __mmask16 m = len - q >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (len - q)) - 1);
     _mm256_mask_storeu_epi16(dst + q, m, round16_bf16(bilinear16(s0 + q, s1 + q, s2 + q, s3 + q, v0, v1, v2, v3, m)));
   }
