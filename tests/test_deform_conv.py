@@ -168,15 +168,22 @@ def test_float32_matches_float64(seed):
     _float32_vs_float64(x, off, w, b, mask, conf)
 
 
+def tiled_case(seed, N, C, Cout, H, W, groups):
+    """A 3x3 layer (stride 1, padding 1) in float64, large enough to span several of the kernel's column tiles:
+    (x, off, w, b, mask)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(N, C, H, W, generator=g, dtype=D)
+    w = torch.randn(Cout, C // groups, 3, 3, generator=g, dtype=D) * 0.1
+    b = torch.randn(Cout, generator=g, dtype=D)
+    off = torch.randn(N, 18, H, W, generator=g, dtype=D) * 2
+    mask = torch.rand(N, 9, H, W, generator=g, dtype=D)
+    return x, off, w, b, mask
+
+
 @pytest.mark.parametrize("groups", [1, 2])
 def test_float32_several_column_tiles(groups):
     """An output larger than one column tile (4 MB), ending with a partial tile."""
-    g = torch.Generator().manual_seed(7)
-    x = torch.randn(2, 64, 52, 50, generator=g, dtype=D)
-    w = torch.randn(48, 64 // groups, 3, 3, generator=g, dtype=D) * 0.1
-    b = torch.randn(48, generator=g, dtype=D)
-    off = torch.randn(2, 18, 52, 50, generator=g, dtype=D) * 2
-    mask = torch.rand(2, 9, 52, 50, generator=g, dtype=D)
+    x, off, w, b, mask = tiled_case(7, 2, 64, 48, 52, 50, groups)
     conf = dict(stride=1, padding=1, dilation=1)
     _float32_vs_float64(x, off, w, b, mask, conf)
 
@@ -187,18 +194,13 @@ def test_backward_weight_gradient_tiles_are_16mb_the_scatter_tiles_4mb(groups):
     grad_col GEMM and scatter pass keep 4 MB tiles. 7688 pixels of 9 x 64 float32 channels (2304 bytes a
     pixel): 2 weight-gradient tiles of 3844 rows and 5 scatter tiles (4 of 1820, one partial); every gradient
     agrees with float64 and the kernel's counters show those tiles."""
-    g = torch.Generator().manual_seed(8)
-    x = torch.randn(2, 64, 62, 62, generator=g, dtype=D)
-    w = torch.randn(32, 64 // groups, 3, 3, generator=g, dtype=D) * 0.1
-    b = torch.randn(32, generator=g, dtype=D)
-    off = torch.randn(2, 18, 62, 62, generator=g, dtype=D) * 2
-    mask = torch.rand(2, 9, 62, 62, generator=g, dtype=D)
+    x, off, w, b, mask = tiled_case(8, 2, 64, 32, 62, 62, groups)
     conf = dict(stride=1, padding=1, dilation=1)
     counts = torch.ops.dcnv2._deform_conv2d_backward_counts
     leaves = [t.float().requires_grad_() for t in (x, off, w, b, mask)]
     out = deform_conv2d(leaves[0], leaves[1], leaves[2], leaves[3], mask=leaves[4], **conf)
     counts(x, True)
-    out.backward(torch.randn(out.shape, generator=g))
+    out.backward(torch.randn(out.shape, generator=torch.Generator().manual_seed(9)))
     fills, w_gemms, col_gemms, scatters, dot_only = counts(x, True).tolist()
     assert (fills, w_gemms, col_gemms, scatters, dot_only) == (2, 2 * groups, 5 * groups, 5, 0)
     _float32_vs_float64(x, off, w, b, mask, conf)

@@ -18,7 +18,7 @@ import torch
 
 from dcnv2.ops import deform_conv2d, reference
 from dcnv2.ops._native import HAS_NATIVE
-from test_deform_conv import random_case
+from test_deform_conv import random_case, tiled_case
 
 pytestmark = pytest.mark.skipif(not HAS_NATIVE, reason="the C++ extension is not built")
 
@@ -69,12 +69,7 @@ def test_bf16_several_column_tiles_and_repeat_runs_bit_identical(groups):
     """An output larger than one bf16 column tile (4 MB = 3640 pixels of 9 x 64 channels), ending with a
     partial tile, and larger than one weight-gradient tile (16 MB = 14563 pixels: 2 tiles of 7500); a second
     run gives bit-identical output and gradients."""
-    g = torch.Generator().manual_seed(11)
-    x = torch.randn(1, 64, 125, 120, generator=g, dtype=D)
-    w = torch.randn(32, 64 // groups, 3, 3, generator=g, dtype=D) * 0.1
-    b = torch.randn(32, generator=g, dtype=D)
-    off = torch.randn(1, 18, 125, 120, generator=g, dtype=D) * 2
-    mask = torch.rand(1, 9, 125, 120, generator=g, dtype=D)
+    x, off, w, b, mask = tiled_case(11, 1, 64, 32, 125, 120, groups)
     conf = dict(stride=(1, 1), padding=(1, 1), dilation=(1, 1))
     leaves, go, first = assert_bf16_close(x, off, w, b, mask, conf)
     for t in leaves:
