@@ -187,13 +187,17 @@ DCNV2_AVX512 inline __m512 bilinear16(const S* s0, const S* s1, const S* s2, con
   a = _mm512_fmadd_ps(v2, load16(s2, m), a);
   return _mm512_fmadd_ps(v3, load16(s3, m), a);
 }
-// 16 floats -> 16 bf16, round to nearest even, NaN -> 0x7FC0 (as store_val)
-DCNV2_AVX512 inline __m256i round16_bf16(__m512 v) {
+// 16 floats rounded to bf16 as store_val rounds (to nearest even, NaN -> 0x7FC0), each left in the high half of its
+// 32-bit lane
+DCNV2_AVX512 inline __m512i round16_bf16_high(__m512 v) {
   const __m512i u = _mm512_castps_si512(v);
   const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-  __m512i r = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7FFF)), lsb), 16);
-  r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC0));
-  return _mm512_cvtepi32_epi16(r);
+  const __m512i r = _mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7FFF)), lsb);
+  return _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC00000));
+}
+// 16 floats -> 16 bf16, round to nearest even, NaN -> 0x7FC0 (as store_val)
+DCNV2_AVX512 inline __m256i round16_bf16(__m512 v) {
+  return _mm512_cvtepi32_epi16(_mm512_srli_epi32(round16_bf16_high(v), 16));
 }
 // 32 bf16 at p as two float32 vectors, the even elements (0, 2, ...) and the odd ones: a bf16 is the high half of
 // its float32, so one load and one shift or mask widen both (against a load, a zero-extension and a shift per
@@ -202,13 +206,6 @@ DCNV2_AVX512 inline void load32_split(const uint16_t* p, __m512& even, __m512& o
   const __m512i v = _mm512_loadu_si512(p);
   even = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
   odd = _mm512_castsi512_ps(_mm512_and_si512(v, _mm512_set1_epi32(static_cast<int>(0xFFFF0000u))));
-}
-// round16_bf16's rounding, the bf16 left in the high half of each 32-bit lane
-DCNV2_AVX512 inline __m512i round16_bf16_high(__m512 v) {
-  const __m512i u = _mm512_castps_si512(v);
-  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-  const __m512i r = _mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7FFF)), lsb);
-  return _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC00000));
 }
 template <typename S>
 DCNV2_AVX512 void bilinear4_wide(uint16_t* __restrict__ dst, const S* s0, const S* s1, const S* s2, const S* s3,
@@ -1150,7 +1147,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> deform_co
     const at::Tensor off_r = rows(offset, ct);
     const at::Tensor mask_r = mask ? rows(*mask, ct) : at::Tensor();
     const auto bopts = input.options().dtype(bt);
-    const at::Tensor wmat = weight_matrix(weight, g, bt);
+    const at::Tensor wmat = need_scatter ? weight_matrix(weight, g, bt) : at::Tensor();  // for grad_col only
     // the output gradient as pixel-major rows [N * L, Cout]: a tile's rows are one contiguous slice
     const at::Tensor go = channels_last_as(bt, grad_output, kScratchGradOutput).view({g.N * g.L, g.Cout});
     // summed over the rows, so the bias gradient has the same bits whichever layout grad_output has
@@ -1163,7 +1160,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> deform_co
     at::Tensor gcol = g.G > 1 ? scratch(kScratchGradColumns, {P, g.G, g.K * g.Cg()}, bopts) : at::Tensor();
     std::vector<RowGemm> gemm_t;  // grad_col = grad_out_rows @ wmat, i.e. weight wmat^T [K*Cg, Coutg]
     const int64_t tiles = ceil_div(g.N * g.L, P);
-    for (int64_t grp = 0; grp < g.G; ++grp) gemm_t.emplace_back(wmat[grp].t(), P, tiles);
+    // (only where the scatter pass runs: a weight-only backward would lay out and pack the weight for nothing)
+    for (int64_t grp = 0; need_scatter && grp < g.G; ++grp) gemm_t.emplace_back(wmat[grp].t(), P, tiles);
     std::vector<at::Tensor> gw(g.G);  // grad_w per group: the first tile's GEMM result, the others added
     const std::vector<Block> blocks = channel_blocks(g);
     const int64_t NB = static_cast<int64_t>(blocks.size());
