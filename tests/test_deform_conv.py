@@ -201,8 +201,8 @@ def test_backward_weight_gradient_tiles_are_16mb_the_scatter_tiles_4mb(groups):
     out = deform_conv2d(leaves[0], leaves[1], leaves[2], leaves[3], mask=leaves[4], **conf)
     counts(x, True)
     out.backward(torch.randn(out.shape, generator=torch.Generator().manual_seed(9)))
-    fills, w_gemms, col_gemms, scatters, dot_only = counts(x, True).tolist()
-    assert (fills, w_gemms, col_gemms, scatters, dot_only) == (2, 2 * groups, 5 * groups, 5, 0)
+    fills, w_gemms, col_gemms, scatters, dot_only, scatter_only = counts(x, True).tolist()
+    assert (fills, w_gemms, col_gemms, scatters, dot_only, scatter_only) == (2, 2 * groups, 5 * groups, 5, 0, 0)
     _float32_vs_float64(x, off, w, b, mask, conf)
 
 
@@ -334,18 +334,20 @@ def test_reference_path_on_meta_device_shapes():
     assert out.shape == deform_conv2d(x, off, w, b, mask=mask, **conf).shape
 
 
+@pytest.mark.parametrize("dtype, C", [(torch.float32, 16), (torch.float32, 21), (torch.bfloat16, 21)])
 @pytest.mark.parametrize("req", [r for r in __import__("itertools").product((False, True), repeat=4) if any(r)])
-def test_backward_computes_only_the_gradients_autograd_asks_for(req):
+def test_backward_computes_only_the_gradients_autograd_asks_for(req, dtype, C):
     """Every subset of (input, weight, offset, mask) requiring grad: the gradients computed equal the full
     backward's bit for bit, the others are None, and the kernel's pass counters show the skipped passes
     (columns + grad_w GEMM only for the weight; grad_col + scatter only for input/offset/mask; the scatter
-    without its input writes when only offset/mask are asked for)."""
+    without its input writes when only offset/mask are asked for, without its corner dot products when only
+    the input is). C = 21 runs the scatter's vector loop and its tail."""
     g = torch.Generator().manual_seed(11)
-    x = torch.randn(2, 16, 9, 8, generator=g)
-    w = torch.randn(8, 16, 3, 3, generator=g)
-    off = torch.randn(2, 18, 9, 8, generator=g) * 2
-    mask = torch.rand(2, 9, 9, 8, generator=g)
-    go = torch.randn(2, 8, 9, 8, generator=g)
+    x = torch.randn(2, C, 9, 8, generator=g).to(dtype)
+    w = torch.randn(8, C, 3, 3, generator=g).to(dtype)
+    off = (torch.randn(2, 18, 9, 8, generator=g) * 2).to(dtype)
+    mask = torch.rand(2, 9, 9, 8, generator=g).to(dtype)
+    go = torch.randn(2, 8, 9, 8, generator=g).to(dtype)
     counts = torch.ops.dcnv2._deform_conv2d_backward_counts
 
     def run(flags):
@@ -355,7 +357,7 @@ def test_backward_computes_only_the_gradients_autograd_asks_for(req):
         return [t.grad for t in ts], counts(x, True).tolist()
 
     full, _ = run((True,) * 4)
-    grads, (fills, w_gemms, col_gemms, scatters, dot_only) = run(req)
+    grads, (fills, w_gemms, col_gemms, scatters, dot_only, scatter_only) = run(req)
     for got, want, asked in zip(grads, full, req):
         assert (got is None) != asked
         if asked:
@@ -363,4 +365,5 @@ def test_backward_computes_only_the_gradients_autograd_asks_for(req):
     need_in, need_w, need_off = req[0], req[1], req[2] or req[3]
     assert (fills > 0, w_gemms > 0) == (need_w, need_w)
     assert (col_gemms > 0) == (need_in or need_off)
-    assert (scatters > 0, dot_only > 0) == (need_in, need_off and not need_in)
+    assert (scatters > 0, dot_only > 0, scatter_only > 0) == (need_in, need_off and not need_in,
+                                                              need_in and not need_off)

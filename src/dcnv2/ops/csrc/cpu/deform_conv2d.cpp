@@ -863,10 +863,26 @@ inline T scatter_and_dot(T* __restrict__ d, const B* __restrict__ gv, const B* _
   return dot;
 }
 
+// d[q] += wm * gv[q] for q < len: the scatter alone, where the offset/mask gradients were not asked for (a
+// frozen offset branch, the analysis passes' input gradient), so the image is not read at all. Each element
+// gets the same product and sum as in scatter_and_dot, so grad_input is bit-identical either way.
+template <typename T, typename B = T>
+inline void scatter_only(T* __restrict__ d, const B* __restrict__ gv, T wm, int64_t len) {
+  int64_t q = 0;
+#if defined(__AVX2__) && defined(__FMA__)
+  if constexpr (std::is_same<T, float>::value && std::is_same<B, uint16_t>::value) {
+    const __m256 vw = _mm256_set1_ps(wm);
+    for (; q + 8 <= len; q += 8) _mm256_storeu_ps(d + q, _mm256_fmadd_ps(vw, load8(gv + q), _mm256_loadu_ps(d + q)));
+  }
+#endif
+  for (; q < len; ++q) d[q] += wm * load_val(gv[q]);
+}
+
 // What the backward passes did since the last reset (tests check that a pruned backward skips its
-// passes): column tiles filled, grad_w tile GEMMs, grad_col tile GEMMs, scatter passes, the last of
-// them without the input-gradient writes.
-std::atomic<int64_t> g_backward_counts[5];
+// passes): column tiles filled, grad_w tile GEMMs, grad_col tile GEMMs, scatter passes with the input-gradient
+// writes, scatter passes without them (offset/mask gradients alone), scatter passes without the corner dot
+// products (input gradient alone).
+std::atomic<int64_t> g_backward_counts[6];
 
 template <typename B>
 B* elem_ptr(const at::Tensor& t) { return t.data_ptr<B>(); }
@@ -1222,6 +1238,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> deform_co
           ++g_backward_counts[2];
         }
         ++g_backward_counts[need_in ? 3 : 4];
+        if (!need_off) ++g_backward_counts[5];
         gc = g.G == 1 ? elem_ptr<B>(gcol_single) : elem_ptr<B>(gcol);
         // the corners and mask of every (pixel, offset group, tap) of the tile, once: every channel block
         // reads them (c5 has 16 blocks, each of which used to recompute them)
@@ -1254,6 +1271,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> deform_co
                 const T m = tc->m;
                 T gy = 0, gx = 0, gm = 0;
                 const B* gv = gc + (q - q0) * K * C + blk.grp * K * Cg + k * Cg + (blk.c0 - blk.grp * Cg);
+                if (!need_off) {  // the input gradient alone: no dot products, no partials
+                  for (int t = 0; t < cr.n; ++t) {
+                    const int64_t base = cr.idx[t] * C + blk.c0;
+                    scatter_only(gimg + base, gv, cr.w[t] * m, len);
+                  }
+                  continue;
+                }
                 for (int t = 0; t < cr.n; ++t) {
                   const int64_t base = cr.idx[t] * C + blk.c0;
                   const B* s = img + base;
@@ -1273,7 +1297,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> deform_co
           }
         });
         // reduce the block partials in block order (deterministic)
-        at::parallel_for(q0, q1, 64, [&](int64_t r0, int64_t r1) {
+        if (need_off) at::parallel_for(q0, q1, 64, [&](int64_t r0, int64_t r1) {
           for (int64_t q = r0; q < r1; ++q) {
             T* go_row = goff + q * g.OG * 2 * K;
             T* gm_row = gmask ? gmask + q * g.OG * K : nullptr;
