@@ -565,7 +565,7 @@ void transpose_add(const T* src, int64_t ld_s, T* dst, int64_t ld_d, int64_t R, 
 // huge input leaves nothing behind. A returned view is valid until the same slot is asked for again.
 enum ScratchSlot {
   kScratchColumns, kScratchGradColumns, kScratchInput, kScratchWeight, kScratchPartial, kScratchGradOutput,
-  kScratchGradOutputTile, kScratchSlots
+  kScratchGradOutputTile, kScratchGradInput, kScratchSlots
 };
 constexpr int64_t kScratchMaxBytes = 32 << 20;
 
@@ -1145,7 +1145,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> deform_co
                     "deform_conv2d backward: grad_output has shape ", grad_output.sizes());
   const auto ct = compute_type(input.scalar_type());
   const auto opts = input.options().dtype(ct);
-  at::Tensor grad_in_cl = at::zeros({g.N, g.H, g.W, g.C}, opts);  // channels-last, scattered into
+  // channels-last, scattered into; returned as it is for a channels-last input, else only read by the transpose
+  // into NCHW, so a scratch buffer then (c3: 8.5 MB that a fresh allocation took in 2100 page faults)
+  at::Tensor grad_in_cl = is_channels_last(input) ? at::zeros({g.N, g.H, g.W, g.C}, opts)
+                                                  : scratch(kScratchGradInput, {g.N, g.H, g.W, g.C}, opts).zero_();
   at::Tensor grad_off_r = at::zeros({g.N, g.L, g.OG * 2 * g.K}, opts);
   at::Tensor grad_mask_r = mask ? at::zeros({g.N, g.L, g.OG * g.K}, opts) : at::Tensor();
   at::Tensor grad_w;  // [G, Coutg, K * Cg]: the tiles' GEMMs summed, or zeros (an empty batch, not asked for)
