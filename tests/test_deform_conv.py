@@ -334,6 +334,28 @@ def test_reference_path_on_meta_device_shapes():
     assert out.shape == deform_conv2d(x, off, w, b, mask=mask, **conf).shape
 
 
+@pytest.mark.skipif(not HAS_NATIVE, reason="the C++ extension is not built")
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+@pytest.mark.parametrize("output_mask", [(True, False, False), (False, True, False), (False, False, True)])
+def test_backward_op_returns_zeros_for_gradients_not_asked_for(output_mask, layout):
+    """Called directly, the backward op returns every gradient with its tensor's shape, dtype and layout; the ones
+    output_mask leaves out are zeros, the others equal the full backward's."""
+    g = torch.Generator().manual_seed(5)
+    x, w, off, mask = (t.contiguous(memory_format=layout) for t in (
+        torch.randn(2, 8, 7, 6, generator=g), torch.randn(4, 8, 3, 3, generator=g),
+        torch.randn(2, 18, 7, 6, generator=g), torch.rand(2, 9, 7, 6, generator=g)))
+    go = torch.randn(2, 4, 7, 6, generator=g).contiguous(memory_format=layout)
+    conf = ([1, 1], [1, 1], [1, 1], 1, 1)
+    op = torch.ops.dcnv2._deform_conv2d_backward
+    full = op(go, x, w, off, mask, None, *conf, [True, True, True])
+    part = op(go, x, w, off, mask, None, *conf, list(output_mask))
+    asked = (output_mask[0], output_mask[1], output_mask[2], output_mask[2])
+    for name, f, p, t, a in zip(("input", "weight", "offset", "mask"), full, part, (x, w, off, mask), asked):
+        assert p.shape == t.shape and p.dtype == t.dtype, name
+        assert p.is_contiguous(memory_format=layout), name
+        assert torch.equal(p, f) if a else torch.equal(p, torch.zeros_like(t)), name
+
+
 @pytest.mark.parametrize("dtype, C", [(torch.float32, 16), (torch.float32, 21), (torch.bfloat16, 21)])
 @pytest.mark.parametrize("req", [r for r in __import__("itertools").product((False, True), repeat=4) if any(r)])
 def test_backward_computes_only_the_gradients_autograd_asks_for(req, dtype, C):

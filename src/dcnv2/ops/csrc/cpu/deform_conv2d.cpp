@@ -1145,12 +1145,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> deform_co
                     "deform_conv2d backward: grad_output has shape ", grad_output.sizes());
   const auto ct = compute_type(input.scalar_type());
   const auto opts = input.options().dtype(ct);
-  // channels-last, scattered into; returned as it is for a channels-last input, else only read by the transpose
+  // The gradients asked for are summed into these; the others come back as zeros in their tensor's layout,
+  // with nothing summed, transposed or copied for them.
+  // grad_input channels-last: returned as it is for a channels-last input, else only read by the transpose
   // into NCHW, so a scratch buffer then (c3: 8.5 MB that a fresh allocation took in 2100 page faults)
-  at::Tensor grad_in_cl = is_channels_last(input) ? at::zeros({g.N, g.H, g.W, g.C}, opts)
-                                                  : scratch(kScratchGradInput, {g.N, g.H, g.W, g.C}, opts).zero_();
-  at::Tensor grad_off_r = at::zeros({g.N, g.L, g.OG * 2 * g.K}, opts);
-  at::Tensor grad_mask_r = mask ? at::zeros({g.N, g.L, g.OG * g.K}, opts) : at::Tensor();
+  at::Tensor grad_in_cl = !need_in ? at::Tensor()
+                          : is_channels_last(input) ? at::zeros({g.N, g.H, g.W, g.C}, opts)
+                                                    : scratch(kScratchGradInput, {g.N, g.H, g.W, g.C}, opts).zero_();
+  at::Tensor grad_off_r = need_off ? at::zeros({g.N, g.L, g.OG * 2 * g.K}, opts) : at::Tensor();
+  at::Tensor grad_mask_r = need_off && mask ? at::zeros({g.N, g.L, g.OG * g.K}, opts) : at::Tensor();
   at::Tensor grad_w;  // [G, Coutg, K * Cg]: the tiles' GEMMs summed, or zeros (an empty batch, not asked for)
   const bool need_b = bias && bias->defined();
   at::Tensor grad_b = need_b ? at::zeros({g.Cout}, opts) : at::empty({0}, input.options());
@@ -1192,9 +1195,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> deform_co
       using B = decltype(b_tag);  // columns, grad_col, GEMM operands and the input image
       TapReader<T> taps{g, off_r.data_ptr<T>(), mask ? mask_r.data_ptr<T>() : nullptr};
       const B* imgs = elem_ptr<B>(x_cl);
-      T* gimgs = grad_in_cl.data_ptr<T>();
-      T* goff = grad_off_r.data_ptr<T>();
-      T* gmask = mask ? grad_mask_r.data_ptr<T>() : nullptr;
+      T* gimgs = need_in ? grad_in_cl.data_ptr<T>() : nullptr;
+      T* goff = need_off ? grad_off_r.data_ptr<T>() : nullptr;
+      T* gmask = need_off && mask ? grad_mask_r.data_ptr<T>() : nullptr;
       T* part = partial.data_ptr<T>();
       const B* gc = nullptr;  // this tile's grad_col rows [np, G, K, Cg]
       const int64_t C = g.C, K = g.K, Cg = g.Cg(), HWC = g.H * g.W * g.C;
@@ -1266,7 +1269,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> deform_co
             for (int64_t q = q0; q < q1; ++q) {
               const int64_t n = q / g.L;
               const B* img = imgs + n * HWC;
-              T* gimg = gimgs + n * HWC;
+              T* gimg = need_in ? gimgs + n * HWC : nullptr;
               T* pp = part + ((b * P + (q - q0)) * K) * 3;
               const TapCorners<T>* tc = corners.data() + ((q - q0) * g.OG + blk.og) * K;
               for (int64_t k = 0; k < K; ++k, pp += 3, ++tc) {
@@ -1330,8 +1333,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> deform_co
   // the others copied to NCHW. grad_input goes back with the blocked transpose (torch's permute-contiguous
   // of c3's gradient took several times as long).
   const auto in_t = input.scalar_type();
-  at::Tensor grad_in = grad_in_cl.permute({0, 3, 1, 2});
-  if (!is_channels_last(input) && in_t == at::kBFloat16) {
+  // a gradient that was not asked for: zeros shaped and laid out like its tensor
+  auto zeros_like_layout = [](const at::Tensor& like) {
+    return at::empty(like.sizes(), like.options().memory_format(is_channels_last(like) ? at::MemoryFormat::ChannelsLast
+                                                                                        : at::MemoryFormat::Contiguous))
+        .zero_();
+  };
+  at::Tensor grad_in = need_in ? grad_in_cl.permute({0, 3, 1, 2}) : zeros_like_layout(input);
+  if (!need_in) {
+    // nothing to lay out
+  } else if (!is_channels_last(input) && in_t == at::kBFloat16) {
     // rounded to bf16 first, then transposed: half the bytes through the transpose, and no float32 NCHW copy
     // (each element rounds the same either way)
     const at::Tensor rounded = grad_in_cl.to(at::kBFloat16);
@@ -1357,8 +1368,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> deform_co
     return (is_channels_last(like) ? v : v.contiguous()).to(in_t);
   };
   at::Tensor grad_input = grad_in.to(in_t);
-  at::Tensor grad_offset = like_layout(grad_off_r, g.OG * 2 * g.K, offset);
-  at::Tensor grad_mask = mask ? like_layout(grad_mask_r, g.OG * g.K, *mask) : at::empty({0}, input.options());
+  at::Tensor grad_offset = need_off ? like_layout(grad_off_r, g.OG * 2 * g.K, offset) : zeros_like_layout(offset);
+  at::Tensor grad_mask = !mask ? at::empty({0}, input.options())
+                         : need_off ? like_layout(grad_mask_r, g.OG * g.K, *mask) : zeros_like_layout(*mask);
   at::Tensor grad_weight = is_channels_last(weight)
                                ? grad_w.view({g.Cout, g.kh, g.kw, g.Cg()}).permute({0, 3, 1, 2}).to(in_t)
                                : grad_w.view({g.G, g.Coutg(), g.K, g.Cg()}).permute({0, 1, 3, 2}).contiguous()
