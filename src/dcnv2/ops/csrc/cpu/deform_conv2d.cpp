@@ -16,7 +16,8 @@
 // from which grad_offset and grad_mask follow. The pass is parallel over fixed channel blocks (each
 // block owns its slice of grad_input), and per-block partials of the offset/mask gradients are
 // reduced in block order: no atomics, and the partition does not depend on the thread count, so two
-// runs are bit-identical.
+// runs are bit-identical. Only the gradients asked for are computed: the weight's alone skips grad_col and the
+// scatter pass, the input's alone the pass's corner dot products, the offsets' alone its input writes.
 //
 // bfloat16 forward (the fast path): offsets, masks and the bilinear interpolation run in float32, the
 // column tile is stored in bfloat16 (rounded to nearest even) and the tile GEMM is oneDNN's bf16
