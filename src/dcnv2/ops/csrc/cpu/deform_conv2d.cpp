@@ -516,45 +516,69 @@ void transpose_block(const T* src, int64_t ld_s, T* dst, int64_t ld_d, int64_t i
 
 // transpose_add of bfloat16 bits with a float32 add (the bias): dst[j * ld_d + i] = src[i * ld_s + j] + add[j],
 // summed in float32 and rounded as store_val rounds; without add the bits move as they are.
-void transpose_add_bf16(const uint16_t* src, int64_t ld_s, uint16_t* dst, int64_t ld_d, int64_t R, int64_t Cc,
-                        const float* add) {
-  constexpr int64_t B = kTransposeBlock;
-  const int64_t nbi = (R + B - 1) / B, nbj = (Cc + B - 1) / B;
-  auto scalar = [&](int64_t i0, int64_t i1, int64_t j0, int64_t j1) {
-    for (int64_t j = j0; j < j1; ++j) {
-      for (int64_t i = i0; i < i1; ++i) {
+void transpose_block_bf16(const uint16_t* src, int64_t ld_s, uint16_t* dst, int64_t ld_d, int64_t i0, int64_t i1,
+                          int64_t j0, int64_t j1, const float* add) {
+  auto scalar = [&](int64_t ia, int64_t ib, int64_t ja, int64_t jb) {
+    for (int64_t j = ja; j < jb; ++j) {
+      for (int64_t i = ia; i < ib; ++i) {
         const uint16_t v = src[i * ld_s + j];
         dst[j * ld_d + i] = add ? store_val<uint16_t, float>(load_val(v) + add[j]) : v;
       }
     }
   };
-  at::parallel_for(0, nbi * nbj, 4, [&](int64_t b0, int64_t b1) {
-    for (int64_t b = b0; b < b1; ++b) {
-      const int64_t i0 = (b / nbj) * B, j0 = (b % nbj) * B, i1 = std::min(R, i0 + B), j1 = std::min(Cc, j0 + B);
 #if defined(__AVX2__) && defined(__FMA__)
-      const int64_t i8 = i0 + (i1 - i0) / 8 * 8, j8 = j0 + (j1 - j0) / 8 * 8;
-      for (int64_t j = j0; j < j8; j += 8) {
-        for (int64_t i = i0; i < i8; i += 8) {
-          transpose8x8_bf16(src + i * ld_s + j, ld_s, dst + j * ld_d + i, ld_d, add ? add + j : nullptr);
-        }
-      }
-      scalar(i8, i1, j0, j8);
-      scalar(i0, i1, j8, j1);
-#else
-      scalar(i0, i1, j0, j1);
-#endif
+  const int64_t i8 = i0 + (i1 - i0) / 8 * 8, j8 = j0 + (j1 - j0) / 8 * 8;
+  for (int64_t j = j0; j < j8; j += 8) {
+    for (int64_t i = i0; i < i8; i += 8) {
+      transpose8x8_bf16(src + i * ld_s + j, ld_s, dst + j * ld_d + i, ld_d, add ? add + j : nullptr);
     }
+  }
+  scalar(i8, i1, j0, j8);
+  scalar(i0, i1, j8, j1);
+#else
+  scalar(i0, i1, j0, j1);
+#endif
+}
+
+// block(n, i0, i1, j0, j1) over the kTransposeBlock-sized blocks of n_img R x Cc matrices, all in one parallel
+// region (a batch of 64 small maps used to open one region per image, three times a backward)
+template <typename Block>
+void for_each_transpose_block(int64_t n_img, int64_t R, int64_t Cc, const Block& block) {
+  constexpr int64_t B = kTransposeBlock;
+  const int64_t nbi = (R + B - 1) / B, nbj = (Cc + B - 1) / B, per_img = nbi * nbj;
+  at::parallel_for(0, n_img * per_img, 4, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t n = b / per_img, r = b - n * per_img;
+      const int64_t i0 = (r / nbj) * B, j0 = (r % nbj) * B;
+      block(n, i0, std::min(R, i0 + B), j0, std::min(Cc, j0 + B));
+    }
+  });
+}
+
+void transpose_add_bf16(const uint16_t* src, int64_t ld_s, uint16_t* dst, int64_t ld_d, int64_t R, int64_t Cc,
+                        const float* add) {
+  for_each_transpose_block(1, R, Cc, [&](int64_t, int64_t i0, int64_t i1, int64_t j0, int64_t j1) {
+    transpose_block_bf16(src, ld_s, dst, ld_d, i0, i1, j0, j1, add);
   });
 }
 
 template <typename T>
 void transpose_add(const T* src, int64_t ld_s, T* dst, int64_t ld_d, int64_t R, int64_t Cc, const T* add) {
-  constexpr int64_t B = kTransposeBlock;
-  const int64_t nbi = (R + B - 1) / B, nbj = (Cc + B - 1) / B;
-  at::parallel_for(0, nbi * nbj, 4, [&](int64_t b0, int64_t b1) {
-    for (int64_t b = b0; b < b1; ++b) {
-      const int64_t i0 = (b / nbj) * B, j0 = (b % nbj) * B;
-      transpose_block(src, ld_s, dst, ld_d, i0, std::min(R, i0 + B), j0, std::min(Cc, j0 + B), add);
+  for_each_transpose_block(1, R, Cc, [&](int64_t, int64_t i0, int64_t i1, int64_t j0, int64_t j1) {
+    transpose_block(src, ld_s, dst, ld_d, i0, i1, j0, j1, add);
+  });
+}
+
+// the layout change of a batch: image n's [R, Cc] matrix (rows R apart, at src + n * R * Cc) into its [Cc, R] one
+// (at dst + n * R * Cc), in one parallel region; T is float/double, or uint16_t for bfloat16 bits
+template <typename T>
+void transpose_images(const T* src, T* dst, int64_t n_img, int64_t R, int64_t Cc) {
+  const int64_t img = R * Cc;
+  for_each_transpose_block(n_img, R, Cc, [&](int64_t n, int64_t i0, int64_t i1, int64_t j0, int64_t j1) {
+    if constexpr (std::is_same<T, uint16_t>::value) {
+      transpose_block_bf16(src + n * img, Cc, dst + n * img, R, i0, i1, j0, j1, nullptr);
+    } else {
+      transpose_block<T>(src + n * img, Cc, dst + n * img, R, i0, i1, j0, j1, nullptr);
     }
   });
 }
@@ -597,15 +621,12 @@ at::Tensor channels_last_as(at::ScalarType t, const at::Tensor& input, ScratchSl
   const at::Tensor x = typed.contiguous();
   const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), HW = H * W;
   at::Tensor out = scratch(slot, {N, H, W, C}, x.options());
-  for (int64_t n = 0; n < N; ++n) {
-    if (t == at::kBFloat16) {
-      transpose_add_bf16(bf16_bits(x) + n * C * HW, HW, bf16_bits(out) + n * HW * C, C, C, HW, nullptr);
-    } else {
-      AT_DISPATCH_FLOATING_TYPES(t, "dcnv2_channels_last", [&] {
-        transpose_add<scalar_t>(x.data_ptr<scalar_t>() + n * C * HW, HW, out.data_ptr<scalar_t>() + n * HW * C, C,
-                                C, HW, nullptr);
-      });
-    }
+  if (t == at::kBFloat16) {
+    transpose_images(bf16_bits(x), bf16_bits(out), N, C, HW);
+  } else {
+    AT_DISPATCH_FLOATING_TYPES(t, "dcnv2_channels_last", [&] {
+      transpose_images(x.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), N, C, HW);
+    });
   }
   return out;
 }
@@ -1348,19 +1369,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> deform_co
     // (each element rounds the same either way)
     const at::Tensor rounded = grad_in_cl.to(at::kBFloat16);
     grad_in = at::empty({g.N, g.C, g.H, g.W}, input.options());
-    const int64_t HW = g.H * g.W;
-    for (int64_t n = 0; n < g.N; ++n) {
-      transpose_add_bf16(bf16_bits(rounded) + n * HW * g.C, g.C, bf16_bits(grad_in) + n * g.C * HW, HW, HW, g.C,
-                         nullptr);
-    }
+    transpose_images(bf16_bits(rounded), bf16_bits(grad_in), g.N, g.H * g.W, g.C);
   } else if (!is_channels_last(input)) {
     grad_in = at::empty({g.N, g.C, g.H, g.W}, opts);
     AT_DISPATCH_FLOATING_TYPES(ct, "dcnv2_deform_conv2d_grad_input", [&] {
-      const int64_t HW = g.H * g.W;
-      for (int64_t n = 0; n < g.N; ++n) {
-        transpose_add<scalar_t>(grad_in_cl.data_ptr<scalar_t>() + n * HW * g.C, g.C,
-                                grad_in.data_ptr<scalar_t>() + n * g.C * HW, HW, HW, g.C, nullptr);
-      }
+      transpose_images(grad_in_cl.data_ptr<scalar_t>(), grad_in.data_ptr<scalar_t>(), g.N, g.H * g.W, g.C);
     });
   }
   // [N, Ho, Wo, ch] rows as [N, ch, Ho, Wo] in the layout of `like`
