@@ -596,8 +596,8 @@ void transpose_add(const T* src, int64_t ld_s, T* dst, int64_t ld_d, int64_t R, 
   });
 }
 
-// the layout change of a batch: image n's [R, Cc] matrix (rows R apart, at src + n * R * Cc) into its [Cc, R] one
-// (at dst + n * R * Cc), in one parallel region; T is float/double, or uint16_t for bfloat16 bits
+// the layout change of a batch: image n's row-major [R, Cc] matrix at src + n * R * Cc into its row-major [Cc, R]
+// transpose at dst + n * R * Cc, in one parallel region; T is float/double, or uint16_t for bfloat16 bits
 template <typename T>
 void transpose_images(const T* src, T* dst, int64_t n_img, int64_t R, int64_t Cc) {
   const int64_t img = R * Cc;
