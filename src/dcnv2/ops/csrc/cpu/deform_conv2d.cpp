@@ -1203,7 +1203,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> deform_co
                                                     : scratch(kScratchGradInput, {g.N, g.H, g.W, g.C}, opts).zero_();
   at::Tensor grad_off_r = need_off ? at::zeros({g.N, g.L, g.OG * 2 * g.K}, opts) : at::Tensor();
   at::Tensor grad_mask_r = need_off && mask ? at::zeros({g.N, g.L, g.OG * g.K}, opts) : at::Tensor();
-  at::Tensor grad_w;  // [G, Coutg, K * Cg]: the tiles' GEMMs summed, or zeros (an empty batch, not asked for)
+  at::Tensor grad_w;  // [G, Coutg, K * Cg]: the tiles' GEMMs summed; undefined (zeros) for an empty batch or not asked for
   const bool need_b = bias && bias->defined();
   at::Tensor grad_b = need_b ? at::zeros({g.Cout}, opts) : at::empty({0}, input.options());
 
@@ -1378,7 +1378,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> deform_co
     // one group's sum is the gradient as it is (at::stack would copy it once more: 9.4 MB on c5)
     if (need_w) grad_w = g.G == 1 ? gw[0].unsqueeze(0) : at::stack(gw);
   }
-  if (!grad_w.defined()) grad_w = at::zeros({g.G, g.Coutg(), g.K * g.Cg()}, opts);
   // Each gradient in the layout of its tensor (see is_channels_last): the channels-last results as they are,
   // the others copied to NCHW. grad_input goes back with the blocked transpose (torch's permute-contiguous
   // of c3's gradient took several times as long).
@@ -1413,10 +1412,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> deform_co
   at::Tensor grad_offset = need_off ? like_layout(grad_off_r, g.OG * 2 * g.K, offset) : zeros_like_layout(offset);
   at::Tensor grad_mask = !mask ? at::empty({0}, input.options())
                          : need_off ? like_layout(grad_mask_r, g.OG * g.K, *mask) : zeros_like_layout(*mask);
-  at::Tensor grad_weight = is_channels_last(weight)
-                               ? grad_w.view({g.Cout, g.kh, g.kw, g.Cg()}).permute({0, 3, 1, 2}).to(in_t)
-                               : grad_w.view({g.G, g.Coutg(), g.K, g.Cg()}).permute({0, 1, 3, 2}).contiguous()
-                                     .view({g.Cout, g.Cg(), g.kh, g.kw}).to(in_t);
+  at::Tensor grad_weight =
+      !grad_w.defined()          ? zeros_like_layout(weight)
+      : is_channels_last(weight) ? grad_w.view({g.Cout, g.kh, g.kw, g.Cg()}).permute({0, 3, 1, 2}).to(in_t)
+                                 : grad_w.view({g.G, g.Coutg(), g.K, g.Cg()}).permute({0, 1, 3, 2}).contiguous()
+                                       .view({g.Cout, g.Cg(), g.kh, g.kw}).to(in_t);
   at::Tensor grad_bias = grad_b.to(in_t);
   return {grad_input, grad_weight, grad_offset, grad_mask, grad_bias};
 }
