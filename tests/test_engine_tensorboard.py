@@ -60,6 +60,22 @@ def test_resume_purges_the_interrupted_runs_later_events(tmp_path):
     assert [v for _, v in scalars["train/loss"]] == pytest.approx([r["loss"] for r in _log(out)], rel=1e-6)
 
 
+def test_a_resumed_runs_event_file_sorts_after_every_earlier_one(tmp_path):
+    # TensorBoard reads files in name order and a purge drops only what was read before it; a file made in
+    # the same second as an earlier one can otherwise sort first (counter 10 before 9, another host's name)
+    pytest.importorskip("tensorboard")
+    import time
+
+    tb_dir = tmp_path / "tb"
+    tb_dir.mkdir()
+    earlier = tb_dir / f"events.out.tfevents.{int(time.time()):010d}.zzzz-other-host.99999.99"
+    earlier.write_bytes(b"")
+    with tbmod.TensorBoardLog(tb_dir, purge_step=3) as tb:
+        tb.scalars({"train/loss": 1.0}, 3)
+    names = sorted(p.name for p in tb_dir.iterdir())
+    assert len(names) == 2 and names[0] == earlier.name, names
+
+
 def test_no_tensorboard_writes_nothing(tmp_path):
     out = tmp_path / "run"
     result = train(tiny_detector(), TinyShapes(n=2), _cfg(out, max_iters=1, tensorboard=False))

@@ -8,6 +8,7 @@ events past its checkpoint's iteration, as ``log.jsonl`` drops those records, so
 from __future__ import annotations
 
 import math
+import time
 import warnings
 from pathlib import Path
 from typing import Any, Mapping, Optional, Union
@@ -37,6 +38,22 @@ def _warn_missing(log_dir: Path) -> None:
         _MISSING_WARNED = True
         warnings.warn(f"tensorboard is not installed: no TensorBoard events in {log_dir} (pip install 'dcnv2[tb]', "
                       "or --no-tensorboard to silence this); log.jsonl has every scalar", stacklevel=3)
+
+
+def _wait_until_new_files_sort_last(log_dir: Path, max_wait_s: float = 2.0) -> None:
+    """TensorBoard reads a directory's event files in name order, and a purge only drops events read before it.
+    A file's name starts with its creation second and ends with a per-process counter, so a file made in the
+    same second as an earlier one can sort first (counter 10 before 9, another host's name) and its purge
+    would come before the events it should drop. Waits (under a second, at most ``max_wait_s`` on a skewed
+    clock) until the current second is past every existing file's."""
+    latest = -1
+    for path in log_dir.glob("events.out.tfevents.*"):
+        field = path.name.split(".")[3:4]
+        if field and field[0].isdigit():
+            latest = max(latest, int(field[0]))
+    deadline = time.time() + max_wait_s
+    while latest >= int(time.time()) and time.time() < deadline:
+        time.sleep(min(latest + 1 - time.time(), deadline - time.time()) + 1e-3)
 
 
 def scalar_tags(record: Mapping[str, Any], prefix: str = "train") -> dict:
@@ -71,6 +88,8 @@ class TensorBoardLog:
             _warn_missing(self.log_dir)
             return
         self.log_dir.mkdir(parents=True, exist_ok=True)
+        if purge_step:
+            _wait_until_new_files_sort_last(self.log_dir)
         self.writer = SummaryWriter(str(self.log_dir), purge_step=purge_step or None)
 
     @property
