@@ -1,7 +1,12 @@
 """dcnv2.ops.deform_conv2d: checked against torchvision's op, the pure-PyTorch reference and gradcheck."""
 from __future__ import annotations
 
+import itertools
+import os
 import random
+import subprocess
+import sys
+import tempfile
 
 import pytest
 import torch
@@ -296,6 +301,44 @@ def test_same_bits_with_one_and_two_threads(channels):
         runs.append([out.detach()] + [t.grad for t in (x, w, off, mask)])
     for a, b in zip(*runs):
         assert torch.equal(a, b)
+
+
+def _scatter_cases():
+    """Every gradient of the backward op, float32 and bfloat16, under each output mask, on blocks of 64, 32 and 16
+    channels (C = 128, 64, 48) and a block the four-corner loops do not take (C = 21), offsets reaching past the
+    border (taps with fewer than four corners)."""
+    outs = []
+    for dtype, C in itertools.product((torch.float32, torch.bfloat16), (128, 64, 48, 21)):
+        g = torch.Generator().manual_seed(C)
+        x = torch.randn(2, C, 7, 9, generator=g).to(dtype)
+        w = (torch.randn(8, C, 3, 3, generator=g) * 0.1).to(dtype)
+        off = (torch.randn(2, 18, 7, 9, generator=g) * 3).to(dtype)
+        m = torch.rand(2, 9, 7, 9, generator=g).to(dtype)
+        go = torch.randn(2, 8, 7, 9, generator=g).to(dtype)
+        for need in itertools.product((True, False), repeat=3):
+            if any(need):
+                outs += torch.ops.dcnv2._deform_conv2d_backward(go, x, w, off, m, None, [1, 1], [1, 1], [1, 1], 1, 1,
+                                                                list(need))[:4]
+    return outs
+
+
+@pytest.mark.skipif(not HAS_NATIVE, reason="the C++ extension is not built")
+def test_four_corner_scatter_bit_identical_to_the_per_corner_loops():
+    """The scatter pass reads a tap's run of grad_col once for its four corners; DCNV2_SCATTER=per-corner (read
+    once per process) keeps the loops of one corner at a time. Every gradient must have the same bits."""
+    script = ("import sys, torch; sys.path.insert(0, sys.argv[2]); import test_deform_conv as t; "
+              "torch.save(t._scatter_cases(), sys.argv[1])")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "per_corner.pt")
+        proc = subprocess.run([sys.executable, "-c", script, path, os.path.dirname(__file__)],
+                              env={**os.environ, "DCNV2_SCATTER": "per-corner"}, capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        per_corner = torch.load(path)
+    ours = _scatter_cases()
+    assert len(ours) == len(per_corner) == 2 * 4 * 7 * 4
+    for a, b in zip(ours, per_corner, strict=True):
+        assert a.dtype == b.dtype and torch.equal(a.view(-1).view(torch.int16), b.view(-1).view(torch.int16))
+    assert any(a.abs().sum() > 0 for a in ours)
 
 
 @pytest.mark.skipif(not HAS_NATIVE, reason="the C++ extension is not built")
