@@ -935,8 +935,8 @@ inline void scatter_only(T* __restrict__ d, const B* __restrict__ gv, T wm, int6
 // order, the lanes summed in order, corner after corner; so every gradient keeps its bits (checked against the
 // per-corner loops, float32 and bf16, in tests/test_deform_conv.py). The per-corner loops read grad_col's run
 // four times a tap: a third of the pass's loads, and in bf16 half its widening work. In-process A/B on the 2-core
-// AVX-512 machine, whole backward with all gradients: bf16 c3 (batch 2) and c4 8-13 % faster, float32 c3-c5
-// and the small maps 2-5 %.
+// AVX-512 machine (with the corners' weights in registers, see the scatter pass), whole backward with all
+// gradients: c4 about 14 % faster in float32 and bfloat16, c5 and the small maps 3-6 %, c3 level to 5 %.
 template <bool Scatter, bool Dot, int NV, typename B>
 inline void four_corners(float* const* d, const B* const* s, const B* gv, const float* wm, float* dot) {
   __m256 g[NV];
@@ -1365,6 +1365,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> deform_co
             }
           }
         });
+        const bool four = four_corner_scatter();
         at::parallel_for(0, NB, 1, [&](int64_t b0, int64_t b1) {
           for (int64_t b = b0; b < b1; ++b) {
             const Block& blk = blocks[b];
@@ -1377,32 +1378,39 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> deform_co
               const TapSample<T>* tc = corners.data() + ((q - q0) * g.OG + blk.og) * K;
               Corners<T> cr;
               for (int64_t k = 0; k < K; ++k, pp += 3, ++tc) {
-                tc->expand(cr, g.W);
                 const T m = tc->m;
                 T gy = 0, gx = 0, gm = 0;
                 const B* gv = gc + (q - q0) * K * C + blk.grp * K * Cg + k * Cg + (blk.c0 - blk.grp * Cg);
 #if defined(__AVX2__) && defined(__FMA__)
                 if constexpr (std::is_same<T, float>::value) {
-                  if (cr.n == 4 && four_corner_scatter()) {  // the common case: grad_col's run read once for the four corners
+                  // the common case, all four corners inside: grad_col's run read once for the four of them, and
+                  // the corners' weights and derivatives computed in registers as expand() computes them (the
+                  // same operations, so the same bits): expand()'s stores into cr and the loads back cost a
+                  // store-forwarding stall per tap, about a third of the pass's time
+                  if (tc->inside == 15 && four) {
+                    const T ly = tc->ly, lx = tc->lx, hy = T(1) - ly, hx = T(1) - lx;
+                    const T w4[4] = {hy * hx, hy * lx, ly * hx, ly * lx};
+                    const T dwdy4[4] = {-hx, -lx, hx, lx};
+                    const T dwdx4[4] = {-hy, hy, -ly, ly};
+                    const int64_t base0 = tc->idx0 * C + blk.c0;
+                    const int64_t base4[4] = {base0, base0 + C, base0 + g.W * C, base0 + (g.W + 1) * C};
                     float* d4[4];
                     const B* s4[4];
                     float wm4[4], dot4[4];
                     for (int t = 0; t < 4; ++t) {
-                      const int64_t base = cr.idx[t] * C + blk.c0;
-                      d4[t] = need_in ? gimg + base : nullptr;
-                      s4[t] = img + base;
-                      wm4[t] = cr.w[t] * m;
+                      d4[t] = need_in ? gimg + base4[t] : nullptr;
+                      s4[t] = img + base4[t];
+                      wm4[t] = w4[t] * m;
                     }
                     const bool done = !need_off ? four_corners_block<true, false, B>(d4, s4, gv, wm4, dot4, len)
                                       : need_in ? four_corners_block<true, true, B>(d4, s4, gv, wm4, dot4, len)
                                                 : four_corners_block<false, true, B>(d4, s4, gv, wm4, dot4, len);
                     if (done) {
                       if (!need_off) continue;
-                      for (int t = 0; t < 4; ++t) {
-                        const T dot = dot4[t];
-                        gy += dot * cr.dwdy[t];
-                        gx += dot * cr.dwdx[t];
-                        gm += dot * cr.w[t];
+                      for (int t = 0; t < 4; ++t) {  // fused as the per-corner loop below, one corner after another
+                        gy = std::fma(dot4[t], dwdy4[t], gy);
+                        gx = std::fma(dot4[t], dwdx4[t], gx);
+                        gm = std::fma(dot4[t], w4[t], gm);
                       }
                       pp[0] = gy * m;
                       pp[1] = gx * m;
@@ -1412,6 +1420,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> deform_co
                   }
                 }
 #endif
+                tc->expand(cr, g.W);
                 if (!need_off) {  // the input gradient alone: no dot products, no partials
                   for (int t = 0; t < cr.n; ++t) {
                     const int64_t base = cr.idx[t] * C + blk.c0;
@@ -1426,9 +1435,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> deform_co
                   const T wm = cr.w[t] * m;
                   const T dot = need_in ? scatter_and_dot<true>(d, gv, s, wm, len)
                                         : scatter_and_dot<false>(d, gv, s, wm, len);
-                  gy += dot * cr.dwdy[t];
-                  gx += dot * cr.dwdx[t];
-                  gm += dot * cr.w[t];
+                  // fused explicitly (what -ffp-contract made of gy += dot * dwdy), so the four-corner path above,
+                  // whose products the compiler may vectorise unfused, sums the same bits
+                  gy = std::fma(dot, cr.dwdy[t], gy);
+                  gx = std::fma(dot, cr.dwdx[t], gx);
+                  gm = std::fma(dot, cr.w[t], gm);
                 }
                 pp[0] = gy * m;
                 pp[1] = gx * m;
