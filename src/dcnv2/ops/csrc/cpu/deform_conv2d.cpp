@@ -13,7 +13,8 @@
 // Backward recomputes the column tiles for grad_weight (tiles of their own, up to 16 MB, so that its GEMM
 // writes its large result few times), and per 4 MB tile forms grad_col with one GEMM and then makes
 // one fused pass per (pixel, tap) that scatters grad_input and takes the four corner dot products
-// from which grad_offset and grad_mask follow. The pass is parallel over fixed channel blocks (each
+// from which grad_offset and grad_mask follow (a tap whose four corners lie inside reads its run of
+// grad_col once for the four, see four_corners). The pass is parallel over fixed channel blocks (each
 // block owns its slice of grad_input), and per-block partials of the offset/mask gradients are
 // reduced in block order: no atomics, and the partition does not depend on the thread count, so two
 // runs are bit-identical. Only the gradients asked for are computed: the weight's alone skips grad_col and the
