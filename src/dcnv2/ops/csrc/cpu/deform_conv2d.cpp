@@ -959,16 +959,6 @@ inline void four_corners(float* const* d, const B* const* s, const B* gv, const 
   }
 }
 
-// DCNV2_SCATTER=per-corner keeps the loops of one corner at a time (benchmarks; the test that both give the same
-// bits), read once per process
-bool four_corner_scatter() {
-  static const bool on = [] {
-    const char* env = std::getenv("DCNV2_SCATTER");
-    return !(env && std::string(env) == "per-corner");
-  }();
-  return on;
-}
-
 // four_corners for a block of len channels where len is 64, 32 or 16; false (nothing done) otherwise
 template <bool Scatter, bool Dot, typename B>
 inline bool four_corners_block(float* const* d, const B* const* s, const B* gv, const float* wm, float* dot,
@@ -981,6 +971,16 @@ inline bool four_corners_block(float* const* d, const B* const* s, const B* gv, 
   }
 }
 #endif
+
+// DCNV2_SCATTER=per-corner keeps the loops of one corner at a time (benchmarks; the test that both give the same
+// bits), read once per process
+bool four_corner_scatter() {
+  static const bool on = [] {
+    const char* env = std::getenv("DCNV2_SCATTER");
+    return !(env && std::string(env) == "per-corner");
+  }();
+  return on;
+}
 
 // What the backward passes did since the last reset (tests check that a pruned backward skips its
 // passes): column tiles filled, grad_w tile GEMMs, grad_col tile GEMMs, scatter passes with the input-gradient
@@ -1366,7 +1366,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> deform_co
             }
           }
         });
-        const bool four = four_corner_scatter();
+        [[maybe_unused]] const bool four = four_corner_scatter();  // read by the AVX2 path below
         at::parallel_for(0, NB, 1, [&](int64_t b0, int64_t b1) {
           for (int64_t b = b0; b < b1; ++b) {
             const Block& blk = blocks[b];
