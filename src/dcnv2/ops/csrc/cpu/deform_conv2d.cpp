@@ -972,6 +972,18 @@ inline bool four_corners_block(float* const* d, const B* const* s, const B* gv, 
 }
 #endif
 
+// a * b + c, fused (one rounding) where the target has a fused multiply-add instruction, which is what the
+// compiler's contraction makes of the expression there; elsewhere (a portable x86 build) a product and a sum, as
+// before, rather than std::fma's slow software fallback
+template <typename T>
+inline T fused_madd(T a, T b, T c) {
+#if defined(__FMA__) || defined(__aarch64__)
+  return std::fma(a, b, c);
+#else
+  return a * b + c;
+#endif
+}
+
 // DCNV2_SCATTER=per-corner keeps the loops of one corner at a time (benchmarks; the test that both give the same
 // bits), read once per process
 bool four_corner_scatter() {
@@ -1409,9 +1421,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> deform_co
                     if (done) {
                       if (!need_off) continue;
                       for (int t = 0; t < 4; ++t) {  // fused as the per-corner loop below, one corner after another
-                        gy = std::fma(dot4[t], dwdy4[t], gy);
-                        gx = std::fma(dot4[t], dwdx4[t], gx);
-                        gm = std::fma(dot4[t], w4[t], gm);
+                        gy = fused_madd(dot4[t], dwdy4[t], gy);
+                        gx = fused_madd(dot4[t], dwdx4[t], gx);
+                        gm = fused_madd(dot4[t], w4[t], gm);
                       }
                       pp[0] = gy * m;
                       pp[1] = gx * m;
@@ -1438,9 +1450,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> deform_co
                                         : scatter_and_dot<false>(d, gv, s, wm, len);
                   // fused explicitly (what -ffp-contract made of gy += dot * dwdy), so the four-corner path above,
                   // whose products the compiler may vectorise unfused, sums the same bits
-                  gy = std::fma(dot, cr.dwdy[t], gy);
-                  gx = std::fma(dot, cr.dwdx[t], gx);
-                  gm = std::fma(dot, cr.w[t], gm);
+                  gy = fused_madd(dot, cr.dwdy[t], gy);
+                  gx = fused_madd(dot, cr.dwdx[t], gx);
+                  gm = fused_madd(dot, cr.w[t], gm);
                 }
                 pp[0] = gy * m;
                 pp[1] = gx * m;
