@@ -63,3 +63,22 @@ def run_isolated_cases(cases: Mapping[str, str], *, prelude: str = "", timeout: 
         results[running] = Outcome("", died)
         pending = [(name, code) for name, code in pending if name not in results]
     return results
+
+
+def results_under_env(test_file: str, function: str, env: Mapping[str, str]):
+    """``function()`` of the test module ``test_file`` (its ``__file__``), called in a child process whose environment
+    adds ``env`` (switches the extension reads once per process), its return value passed back through torch.save."""
+    import os
+    import tempfile
+
+    import torch
+
+    folder, module = os.path.split(os.path.abspath(test_file))
+    script = (f"import sys, torch; sys.path.insert(0, sys.argv[2]); import {module[:-3]} as t; "
+              f"torch.save(t.{function}(), sys.argv[1])")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "results.pt")
+        proc = subprocess.run([sys.executable, "-c", script, path, folder], env={**os.environ, **env},
+                              capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        return torch.load(path)

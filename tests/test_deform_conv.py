@@ -2,11 +2,7 @@
 from __future__ import annotations
 
 import itertools
-import os
 import random
-import subprocess
-import sys
-import tempfile
 
 import pytest
 import torch
@@ -14,6 +10,7 @@ import torch.nn.functional as F
 import torchvision
 
 from dcnv2.ops import deform_conv2d, reference
+from isolated import results_under_env
 from dcnv2.ops._native import HAS_NATIVE
 
 D = torch.float64
@@ -326,14 +323,7 @@ def _scatter_cases():
 def test_four_corner_scatter_bit_identical_to_the_per_corner_loops():
     """The scatter pass reads a tap's run of grad_col once for its four corners; DCNV2_SCATTER=per-corner (read
     once per process) keeps the loops of one corner at a time. Every gradient must have the same bits."""
-    script = ("import sys, torch; sys.path.insert(0, sys.argv[2]); import test_deform_conv as t; "
-              "torch.save(t._scatter_cases(), sys.argv[1])")
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "per_corner.pt")
-        proc = subprocess.run([sys.executable, "-c", script, path, os.path.dirname(__file__)],
-                              env={**os.environ, "DCNV2_SCATTER": "per-corner"}, capture_output=True, text=True)
-        assert proc.returncode == 0, proc.stderr[-2000:]
-        per_corner = torch.load(path)
+    per_corner = results_under_env(__file__, "_scatter_cases", {"DCNV2_SCATTER": "per-corner"})
     ours = _scatter_cases()
     assert len(ours) == len(per_corner) == 2 * 4 * 7 * 4
     for a, b in zip(ours, per_corner, strict=True):

@@ -8,16 +8,12 @@ and the returned tensors are each rounded once, and grad_weight sums one rounded
 """
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-import tempfile
-
 import pytest
 import torch
 
 from dcnv2.ops import deform_conv2d, reference
 from dcnv2.ops._native import HAS_NATIVE
+from isolated import results_under_env
 from test_deform_conv import random_case, tiled_case
 
 pytestmark = pytest.mark.skipif(not HAS_NATIVE, reason="the C++ extension is not built")
@@ -160,13 +156,6 @@ def _wide_fill_cases():
 def test_bf16_wide_fill_and_transposes_bit_identical_to_the_avx2_loops():
     """On an AVX-512 CPU the bf16 columns are sampled by 16-lane loops (masked tails); DCNV2_FILL=avx2 (read
     once per process) keeps the 8-lane ones. Both must give the same bits, forward and backward."""
-    script = ("import sys, torch; sys.path.insert(0, sys.argv[2]); import test_deform_conv_bf16 as t; "
-              "torch.save(t._wide_fill_cases(), sys.argv[1])")
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "avx2.pt")
-        proc = subprocess.run([sys.executable, "-c", script, path, os.path.dirname(__file__)],
-                              env={**os.environ, "DCNV2_FILL": "avx2"}, capture_output=True, text=True)
-        assert proc.returncode == 0, proc.stderr[-2000:]
-        narrow = torch.load(path)
+    narrow = results_under_env(__file__, "_wide_fill_cases", {"DCNV2_FILL": "avx2"})
     for a, b in zip(_wide_fill_cases(), narrow, strict=True):
         assert a.dtype == BF and torch.equal(a.view(torch.int16), b.view(torch.int16))
