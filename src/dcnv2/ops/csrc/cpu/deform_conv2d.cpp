@@ -511,6 +511,38 @@ inline void transpose8x8_bf16(const uint16_t* s, int64_t ls, uint16_t* d, int64_
     _mm_storeu_si128(reinterpret_cast<__m128i*>(d + j * ld), v);
   }
 }
+
+// 16 x 16 bfloat16 bits, no add: the 8 x 8 steps above on 256-bit registers transpose two 8 x 8 blocks at once
+// (lane 0 columns 0-7, lane 1 columns 8-15) for rows 0-7 and again for rows 8-15, and one lane exchange puts the
+// halves together. Two thirds of the 8 x 8 version's shuffles and half its loads and stores per element; the bits
+// move as they are. In-process A/B, bf16 forward: c3 and c4 1-2.5 % faster, a batch of 8 at 16x16 3 %; the
+// forward+backward level (the transposes wait on memory more than on shuffles).
+inline void transpose16x16_bf16(const uint16_t* s, int64_t ls, uint16_t* d, int64_t ld) {
+  __m256i half[2][8];
+  for (int h = 0; h < 2; ++h) {
+    __m256i r[8], t[8];
+    for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(s + (8 * h + i) * ls));
+    for (int i = 0; i < 4; ++i) {
+      t[2 * i] = _mm256_unpacklo_epi16(r[2 * i], r[2 * i + 1]);
+      t[2 * i + 1] = _mm256_unpackhi_epi16(r[2 * i], r[2 * i + 1]);
+    }
+    for (int q = 0; q < 2; ++q) {
+      r[4 * q + 0] = _mm256_unpacklo_epi32(t[4 * q + 0], t[4 * q + 2]);
+      r[4 * q + 1] = _mm256_unpackhi_epi32(t[4 * q + 0], t[4 * q + 2]);
+      r[4 * q + 2] = _mm256_unpacklo_epi32(t[4 * q + 1], t[4 * q + 3]);
+      r[4 * q + 3] = _mm256_unpackhi_epi32(t[4 * q + 1], t[4 * q + 3]);
+    }
+    for (int j = 0; j < 4; ++j) {  // columns 2j, 2j+1 (lane 0) and 2j+8, 2j+9 (lane 1) of the half's 8 rows
+      half[h][2 * j] = _mm256_unpacklo_epi64(r[j], r[j + 4]);
+      half[h][2 * j + 1] = _mm256_unpackhi_epi64(r[j], r[j + 4]);
+    }
+  }
+  for (int j = 0; j < 8; ++j) {
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(d + j * ld), _mm256_permute2x128_si256(half[0][j], half[1][j], 0x20));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(d + (j + 8) * ld),
+                        _mm256_permute2x128_si256(half[0][j], half[1][j], 0x31));
+  }
+}
 #endif
 
 template <typename T>
@@ -555,14 +587,26 @@ void transpose_block_bf16(const uint16_t* src, int64_t ld_s, uint16_t* dst, int6
     }
   };
 #if defined(__AVX2__) && defined(__FMA__)
-  const int64_t i8 = i0 + (i1 - i0) / 8 * 8, j8 = j0 + (j1 - j0) / 8 * 8;
-  for (int64_t j = j0; j < j8; j += 8) {
-    for (int64_t i = i0; i < i8; i += 8) {
-      transpose8x8_bf16(src + i * ld_s + j, ld_s, dst + j * ld_d + i, ld_d, add ? add + j : nullptr);
+  auto blocks8 = [&](int64_t ia, int64_t ib, int64_t ja, int64_t jb) {
+    const int64_t i8 = ia + (ib - ia) / 8 * 8, j8 = ja + (jb - ja) / 8 * 8;
+    for (int64_t j = ja; j < j8; j += 8) {
+      for (int64_t i = ia; i < i8; i += 8) {
+        transpose8x8_bf16(src + i * ld_s + j, ld_s, dst + j * ld_d + i, ld_d, add ? add + j : nullptr);
+      }
     }
+    scalar(i8, ib, ja, j8);
+    scalar(ia, ib, j8, jb);
+  };
+  if (add) {
+    blocks8(i0, i1, j0, j1);
+    return;
   }
-  scalar(i8, i1, j0, j8);
-  scalar(i0, i1, j8, j1);
+  const int64_t i16 = i0 + (i1 - i0) / 16 * 16, j16 = j0 + (j1 - j0) / 16 * 16;
+  for (int64_t j = j0; j < j16; j += 16) {
+    for (int64_t i = i0; i < i16; i += 16) transpose16x16_bf16(src + i * ld_s + j, ld_s, dst + j * ld_d + i, ld_d);
+  }
+  blocks8(i16, i1, j0, j16);  // the rows below the 16 x 16 blocks
+  blocks8(i0, i1, j16, j1);   // the columns right of them
 #else
   scalar(i0, i1, j0, j1);
 #endif
