@@ -532,7 +532,7 @@ inline void transpose16x16_bf16(const uint16_t* s, int64_t ls, uint16_t* d, int6
       r[4 * q + 2] = _mm256_unpacklo_epi32(t[4 * q + 1], t[4 * q + 3]);
       r[4 * q + 3] = _mm256_unpackhi_epi32(t[4 * q + 1], t[4 * q + 3]);
     }
-    for (int j = 0; j < 4; ++j) {  // columns 2j, 2j+1 (lane 0) and 2j+8, 2j+9 (lane 1) of the half's 8 rows
+    for (int j = 0; j < 4; ++j) {  // half[h][c]: column c of the half's 8 rows in lane 0, column c + 8 in lane 1
       half[h][2 * j] = _mm256_unpacklo_epi64(r[j], r[j + 4]);
       half[h][2 * j + 1] = _mm256_unpackhi_epi64(r[j], r[j + 4]);
     }
