@@ -1438,6 +1438,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> deform_co
                 const T m = tc->m;
                 T gy = 0, gx = 0, gm = 0;
                 const B* gv = gc + (q - q0) * K * C + blk.grp * K * Cg + k * Cg + (blk.c0 - blk.grp * Cg);
+                bool done = false;  // by the four-corner loops
 #if defined(__AVX2__) && defined(__FMA__)
                 if constexpr (std::is_same<T, float>::value) {
                   // the common case, all four corners inside: grad_col's run read once for the four of them, and
@@ -1460,45 +1461,38 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> deform_co
                       s4[t] = img + base4[t];
                       wm4[t] = w4[t] * m;
                     }
-                    const bool done = !need_off ? four_corners_block<true, false, B>(d4, s4, gv, wm4, dot4, len)
-                                      : need_in ? four_corners_block<true, true, B>(d4, s4, gv, wm4, dot4, len)
-                                                : four_corners_block<false, true, B>(d4, s4, gv, wm4, dot4, len);
-                    if (done) {
-                      if (!need_off) continue;
-                      for (int t = 0; t < 4; ++t) {  // fused as the per-corner loop below, one corner after another
-                        gy = fused_madd(dot4[t], dwdy4[t], gy);
-                        gx = fused_madd(dot4[t], dwdx4[t], gx);
-                        gm = fused_madd(dot4[t], w4[t], gm);
-                      }
-                      pp[0] = gy * m;
-                      pp[1] = gx * m;
-                      pp[2] = gm;
-                      continue;
+                    done = !need_off ? four_corners_block<true, false, B>(d4, s4, gv, wm4, dot4, len)
+                           : need_in ? four_corners_block<true, true, B>(d4, s4, gv, wm4, dot4, len)
+                                     : four_corners_block<false, true, B>(d4, s4, gv, wm4, dot4, len);
+                    for (int t = 0; done && need_off && t < 4; ++t) {  // fused as the per-corner loop below
+                      gy = fused_madd(dot4[t], dwdy4[t], gy);
+                      gx = fused_madd(dot4[t], dwdx4[t], gx);
+                      gm = fused_madd(dot4[t], w4[t], gm);
                     }
                   }
                 }
 #endif
-                tc->expand(cr, g.W);
-                if (!need_off) {  // the input gradient alone: no dot products, no partials
+                if (!done) {  // one corner at a time
+                  tc->expand(cr, g.W);
                   for (int t = 0; t < cr.n; ++t) {
                     const int64_t base = cr.idx[t] * C + blk.c0;
-                    scatter_only(gimg + base, gv, cr.w[t] * m, len);
+                    const T wm = cr.w[t] * m;
+                    if (!need_off) {  // the input gradient alone: no dot products
+                      scatter_only(gimg + base, gv, wm, len);
+                      continue;
+                    }
+                    const B* s = img + base;
+                    T* d = gimg + base;
+                    const T dot = need_in ? scatter_and_dot<true>(d, gv, s, wm, len)
+                                          : scatter_and_dot<false>(d, gv, s, wm, len);
+                    // fused explicitly (what -ffp-contract made of gy += dot * dwdy), so the four-corner path
+                    // above, whose products the compiler may vectorise unfused, sums the same bits
+                    gy = fused_madd(dot, cr.dwdy[t], gy);
+                    gx = fused_madd(dot, cr.dwdx[t], gx);
+                    gm = fused_madd(dot, cr.w[t], gm);
                   }
-                  continue;
                 }
-                for (int t = 0; t < cr.n; ++t) {
-                  const int64_t base = cr.idx[t] * C + blk.c0;
-                  const B* s = img + base;
-                  T* d = gimg + base;
-                  const T wm = cr.w[t] * m;
-                  const T dot = need_in ? scatter_and_dot<true>(d, gv, s, wm, len)
-                                        : scatter_and_dot<false>(d, gv, s, wm, len);
-                  // fused explicitly (what -ffp-contract made of gy += dot * dwdy), so the four-corner path above,
-                  // whose products the compiler may vectorise unfused, sums the same bits
-                  gy = fused_madd(dot, cr.dwdy[t], gy);
-                  gx = fused_madd(dot, cr.dwdx[t], gx);
-                  gm = fused_madd(dot, cr.w[t], gm);
-                }
+                if (!need_off) continue;  // no partials
                 pp[0] = gy * m;
                 pp[1] = gx * m;
                 pp[2] = gm;
