@@ -10,8 +10,8 @@ import torch.nn.functional as F
 import torchvision
 
 from dcnv2.ops import deform_conv2d, reference
-from isolated import results_under_env
 from dcnv2.ops._native import HAS_NATIVE
+from isolated import results_under_env
 
 D = torch.float64
 
