@@ -209,12 +209,13 @@ def test_backward_weight_gradient_tiles_are_16mb_the_scatter_tiles_4mb(groups):
 
 
 @pytest.mark.parametrize("groups", [1, 2])
-def test_float32_tile_parallel_forward(groups):
-    """With two threads and tiles enough for both, each thread fills and multiplies tiles of its own (one
-    equal share each, the last tile partial): the forward agrees with float64 and every gradient too."""
+def test_float32_fused_blocks_and_float64_tile_parallel_forward(groups):
+    """With two threads: the float32 forward of a small weight runs in fused blocks, the float64 one in tiles, each
+    thread filling and multiplying tiles of its own (one equal share each, the last tile partial); the two agree,
+    and every gradient too."""
     torch.set_num_threads(2)  # conftest puts the session's count back
     g = torch.Generator().manual_seed(8)
-    x = torch.randn(2, 64, 83, 79, generator=g, dtype=D)  # 13114 pixels: 16 tiles of 820
+    x = torch.randn(2, 64, 83, 79, generator=g, dtype=D)  # 13114 pixels: float64 makes 30 tiles of 438
     w = torch.randn(48, 64 // groups, 3, 3, generator=g, dtype=D) * 0.1
     b = torch.randn(48, generator=g, dtype=D)
     off = torch.randn(2, 18, 83, 79, generator=g, dtype=D) * 2
@@ -222,45 +223,116 @@ def test_float32_tile_parallel_forward(groups):
     counts = torch.ops.dcnv2._deform_conv2d_forward_counts
     counts(x, True)
     _float32_vs_float64(x, off, w, b, mask, dict(stride=1, padding=1, dilation=1))
-    tile_parallel, tile_serial, tiles = counts(x, True).tolist()
-    assert (tile_parallel, tile_serial) == (2, 0) and tiles >= 2 * 2  # both forwards, each thread its tiles
+    tile_parallel, tile_serial, tiles, fused = counts(x, True).tolist()
+    assert (tile_parallel, tile_serial, fused) == (1, 0, 1) and tiles >= 2  # float64: each thread its tiles
 
 
 @pytest.mark.skipif(not HAS_NATIVE, reason="the C++ extension is not built")
 @pytest.mark.parametrize("threads, pixels, split", [(1, 40 * 40, "serial"), (2, 40 * 40, "parallel"),
                                                     (2, 20 * 20, "serial")])
 def test_forward_split_follows_the_thread_count_and_the_size(threads, pixels, split):
-    """One thread, or fewer than 4 * 64 output pixels per thread, runs the tiles one after another
-    (parallel inside each tile); otherwise each thread runs its own tiles. Both give the same output."""
+    """The tile path (float64 here): one thread, or fewer than 4 * 64 output pixels per thread, runs the tiles one
+    after another (parallel inside each tile); otherwise each thread runs its own tiles. Both give the same
+    output."""
     torch.set_num_threads(threads)  # conftest puts the session's count back
     side = int(pixels ** 0.5)
     g = torch.Generator().manual_seed(3)
-    x = torch.randn(1, 8, side, side, generator=g)
-    w = torch.randn(4, 8, 3, 3, generator=g)
-    off = torch.randn(1, 18, side, side, generator=g)
+    x = torch.randn(1, 8, side, side, generator=g, dtype=D)
+    w = torch.randn(4, 8, 3, 3, generator=g, dtype=D)
+    off = torch.randn(1, 18, side, side, generator=g, dtype=D)
     counts = torch.ops.dcnv2._deform_conv2d_forward_counts
     counts(x, True)
     out = deform_conv2d(x, off, w, padding=1)
     assert counts(x, True).tolist()[:2] == ([1, 0] if split == "parallel" else [0, 1])
-    torch.testing.assert_close(out, reference.deform_conv2d(x, off, w, padding=(1, 1)), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out, reference.deform_conv2d(x, off, w, padding=(1, 1)), rtol=1e-10, atol=1e-10)
 
 
 @pytest.mark.skipif(not HAS_NATIVE, reason="the C++ extension is not built")
-@pytest.mark.parametrize("channels, side, tiles", [(64, 40, 2), (512, 20, 2), (512, 24, 3)])
+@pytest.mark.parametrize("channels, side, tiles", [(64, 40, 4), (512, 20, 2), (512, 24, 3)])
 def test_forward_tiles_are_2mb_and_at_least_256_rows(channels, side, tiles):
-    """One thread: float32 columns of 64 channels (2304 bytes a pixel) make 2 MB tiles of 910 rows, so 1600
-    pixels take 2 tiles; 512 channels (18 KB a pixel) would make 113-row tiles, and the 256-row floor gives
-    2 tiles for 400 pixels and 3 for 576."""
+    """One thread, the tile path (float64 here): columns of 64 channels (4608 bytes a pixel) make 2 MB tiles of
+    455 rows, so 1600 pixels take 4 tiles; 512 channels (36 KB a pixel) would make 56-row tiles, and the 256-row
+    floor gives 2 tiles for 400 pixels and 3 for 576."""
     torch.set_num_threads(1)  # conftest puts the session's count back
     g = torch.Generator().manual_seed(4)
-    x = torch.randn(1, channels, side, side, generator=g)
-    w = torch.randn(8, channels, 3, 3, generator=g) * 0.05
-    off = torch.randn(1, 18, side, side, generator=g)
+    x = torch.randn(1, channels, side, side, generator=g, dtype=D)
+    w = torch.randn(8, channels, 3, 3, generator=g, dtype=D) * 0.05
+    off = torch.randn(1, 18, side, side, generator=g, dtype=D)
     counts = torch.ops.dcnv2._deform_conv2d_forward_counts
     counts(x, True)
     out = deform_conv2d(x, off, w, padding=1)
-    assert counts(x, True).tolist() == [0, 1, tiles]
-    torch.testing.assert_close(out, reference.deform_conv2d(x, off, w, padding=(1, 1)), rtol=1e-4, atol=1e-4)
+    assert counts(x, True).tolist() == [0, 1, tiles, 0]
+    torch.testing.assert_close(out, reference.deform_conv2d(x, off, w, padding=(1, 1)), rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.skipif(not HAS_NATIVE, reason="the C++ extension is not built")
+@pytest.mark.parametrize("dtype, C, Cout, fused", [(torch.float32, 128, 128, True), (torch.float32, 512, 64, False),
+                                                   (torch.bfloat16, 128, 128, False), (D, 128, 128, False)])
+def test_fused_blocks_take_float32_weights_up_to_1mb(dtype, C, Cout, fused):
+    """The fused blocks run the float32 forward where the weight fits in 1 MB (128 x 128 x 3 x 3: 590 KB); a
+    larger weight (512 -> 64: 1.2 MB), bfloat16 and float64 keep the tiles."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(2, C, 6, 7, generator=g).to(dtype)
+    w = (torch.randn(Cout, C, 3, 3, generator=g) * 0.05).to(dtype)
+    off = torch.randn(2, 18, 6, 7, generator=g).to(dtype)
+    counts = torch.ops.dcnv2._deform_conv2d_forward_counts
+    counts(x, True)
+    deform_conv2d(x, off, w, padding=1)
+    tile_parallel, tile_serial, _, in_blocks = counts(x, True).tolist()
+    assert (in_blocks, tile_parallel + tile_serial) == ((1, 0) if fused else (0, 1))
+
+
+def _fused_cases():
+    """float32 forwards that the fused blocks take: NCHW and channels-last, groups and offset groups, bias, stride and
+    dilation, a batch whose last block is partial, NaN and far-out offsets."""
+    outs = []
+    confs = [dict(groups=1, og=1, stride=1, dilation=1), dict(groups=2, og=2, stride=2, dilation=1),
+             dict(groups=1, og=4, stride=1, dilation=2)]
+    for i, (conf, layout) in enumerate(itertools.product(confs, (torch.contiguous_format, torch.channels_last))):
+        g = torch.Generator().manual_seed(40 + i)
+        N, C, Cout, H, W = 3, 64, 48, 13, 11
+        s, d, og = conf["stride"], conf["dilation"], conf["og"]
+        Ho, Wo = (H + 2 - d * 2 - 1) // s + 1, (W + 2 - d * 2 - 1) // s + 1
+        x = torch.randn(N, C, H, W, generator=g).contiguous(memory_format=layout)
+        w = torch.randn(Cout, C // conf["groups"], 3, 3, generator=g) * 0.1
+        b = torch.randn(Cout, generator=g)
+        off = torch.randn(N, og * 18, Ho, Wo, generator=g) * 2
+        off[0, 0, 1, 1], off[1, 3, 0, 2], off[2, 5, 2, 0] = float("nan"), float("inf"), -1e9
+        mask = torch.rand(N, og * 9, Ho, Wo, generator=g)
+        off, mask = off.contiguous(memory_format=layout), mask.contiguous(memory_format=layout)
+        outs.append(deform_conv2d(x, off, w, b, stride=s, padding=1, dilation=d, mask=mask))
+    return outs
+
+
+@pytest.mark.skipif(not HAS_NATIVE, reason="the C++ extension is not built")
+def test_fused_blocks_agree_with_the_tile_path():
+    """DCNV2_FWD_GEMM=tiles (read once per process) sends the same forwards through the tiles: the same numbers
+    up to float32 rounding (the GEMMs sum in another order), in the same layout."""
+    fused = _fused_cases()
+    tiles = results_under_env(__file__, "_fused_cases", {"DCNV2_FWD_GEMM": "tiles"})
+    for a, t in zip(fused, tiles):
+        assert a.is_contiguous(memory_format=torch.channels_last) == t.is_contiguous(memory_format=torch.channels_last)
+        torch.testing.assert_close(a, t, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(not HAS_NATIVE, reason="the C++ extension is not built")
+def test_fused_blocks_same_bits_whatever_the_batch_and_the_threads():
+    """The blocks of 64 output pixels straddle images (63 pixels an image), and the last one is partial: each
+    image alone gives the bits it gets inside the batch, with one thread or two."""
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(5, 128, 7, 9, generator=g)
+    w = torch.randn(128, 128, 3, 3, generator=g) * 0.05
+    b = torch.randn(128, generator=g)
+    off = torch.randn(5, 18, 7, 9, generator=g) * 2
+    mask = torch.rand(5, 9, 7, 9, generator=g)
+    runs = []
+    for threads in (1, 2):
+        torch.set_num_threads(threads)  # conftest puts the session's count back
+        runs.append(deform_conv2d(x, off, w, b, padding=1, mask=mask))
+        for i in range(5):
+            assert torch.equal(deform_conv2d(x[i:i + 1], off[i:i + 1], w, b, padding=1, mask=mask[i:i + 1]),
+                               runs[-1][i:i + 1])
+    assert torch.equal(runs[0], runs[1])
 
 
 def test_backward_is_deterministic():

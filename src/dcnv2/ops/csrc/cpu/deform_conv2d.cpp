@@ -29,6 +29,7 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
+#include <ATen/native/CPUBlas.h>
 
 #include "weight_cache.h"
 
@@ -662,7 +663,8 @@ void transpose_images(const T* src, T* dst, int64_t n_img, int64_t R, int64_t Cc
 // huge input leaves nothing behind. A returned view is valid until the same slot is asked for again.
 enum ScratchSlot {
   kScratchColumns, kScratchGradColumns, kScratchInput, kScratchWeight, kScratchPartial, kScratchGradOutput,
-  kScratchGradOutputTile, kScratchGradInput, kScratchSlots
+  kScratchGradOutputTile, kScratchGradInput, kScratchBlockRows, kScratchWeightRows,
+  kScratchSlots
 };
 constexpr int64_t kScratchMaxBytes = 32 << 20;
 
@@ -707,8 +709,8 @@ int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // How the forwards ran since the last reset (tests check which split a call took):
 // [0] calls with tile-parallel threads (each thread its own tiles), [1] calls with the tiles one after
-// another (parallel inside each tile), [2] tiles run by all calls.
-std::atomic<int64_t> g_forward_counts[3];
+// another (parallel inside each tile), [2] tiles run by all calls, [3] calls in fused blocks (forward_blocks).
+std::atomic<int64_t> g_forward_counts[4];
 
 // DCNV2_FWD_SPLIT=inner keeps the forward's parallelism inside each tile (benchmarks, debugging)
 bool fwd_tile_parallel() {
@@ -1233,6 +1235,103 @@ void forward_tiles(const Geometry& g, const TapReader<T>& taps, const S* img, co
   for (int64_t q0 = 0; q0 < NL; q0 += P) run_tile(q0, std::min(NL, q0 + P), col);
 }
 
+// The float32 forward of a layer whose weight fits in a core's L2 cache (kFusedWeightMaxBytes: ResNet's
+// 128-channel 3x3 layers, 590 KB) runs in fused blocks of kFusedBlockRows output pixels: each thread fills a
+// block's columns (147 KB for 128 channels) and multiplies them at once with oneDNN's brgemm micro-kernel
+// (at::native::cpublas::brgemm) while they are still in its cache, writing the block's result rows straight
+// into a channels-last output. The tile path fills 2 MB of columns, which leave L2 before the tile GEMM reads
+// them back, and its GEMM runs through torch's oneDNN linear op, which allocates each result. Measured on
+// the 2-core AVX-512 machine (docs/benchmarks.md): c3's forward 5 % faster, the demo's 128-channel small maps
+// 11-16 %. A larger weight (256 and 512 channels) would stream from L3 for every block; it keeps the tiles,
+// as do float64 and the bf16 fast path. The blocks' size does not depend on the thread count, and each output
+// row is one row of a brgemm call, so the bits do not depend on the thread count or on the rest of the batch.
+// The GEMM's summation order differs from the tile path's: outputs agree to float32 rounding, not bit for bit.
+// DCNV2_FWD_GEMM=tiles keeps the tile path (benchmarks, the tests that compare the two).
+constexpr int64_t kFusedBlockRows = 64;
+constexpr int64_t kFusedWeightMaxBytes = 1 << 20;
+constexpr int64_t kFusedWeightRows = -1;  // the weight cache's row tag for the fused path's weight layout
+
+bool fused_forward_applies(const Geometry& g, at::ScalarType ct, bool bf16) {
+  static const bool on = [] {
+    const char* env = std::getenv("DCNV2_FWD_GEMM");
+    if (env && std::string(env) == "tiles") return false;
+#if defined(__x86_64__) && defined(__GNUC__)
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");  // brgemm's float32 micro-kernel
+#else
+    return false;
+#endif
+  }();
+  return on && !bf16 && ct == at::kFloat && RowGemm::packs(at::kFloat) &&
+         g.K * g.Cg() * g.Coutg() * static_cast<int64_t>(sizeof(float)) <= kFusedWeightMaxBytes;
+}
+
+// The float32 weight as brgemm's B, [G, K * Cg, Coutg] row-major (rows in the columns' tap-major order), into
+// out: from an NCHW weight by one blocked transpose of each group's [Coutg, K * Cg] matrix (weight_matrix's
+// layout), from a channels-last one (weight_matrix a view then) the same way.
+void weight_rows_into(const at::Tensor& weight, const Geometry& g, at::Tensor& out) {
+  const at::Tensor wmat = weight_matrix(weight, g, at::kFloat).contiguous();  // [G, Coutg, K * Cg]
+  const int64_t KC = g.K * g.Cg(), M = g.Coutg();
+  for (int64_t grp = 0; grp < g.G; ++grp) {
+    transpose_add<float>(wmat.data_ptr<float>() + grp * M * KC, KC, out.data_ptr<float>() + grp * KC * M, M, M, KC,
+                         nullptr);
+  }
+}
+
+// weight_rows_into for this call: while the weight cache is enabled (packed_weights()), laid out by the first
+// call and kept for the later ones, as the tile path keeps its packed weight
+at::Tensor fused_weight(const at::Tensor& weight, const Geometry& g) {
+  const int64_t KC = g.K * g.Cg(), M = g.Coutg();
+  const auto opts = weight.options().dtype(at::kFloat);
+  if (!weight_cache_applies(weight)) {
+    at::Tensor out = scratch(kScratchWeightRows, {g.G, KC, M}, opts);
+    weight_rows_into(weight, g, out);
+    return out;
+  }
+  const PackedWeightKey key{at::kFloat, kFusedWeightRows, g.G};
+  if (std::optional<std::vector<at::Tensor>> kept = weight_cache_find(weight, key)) return (*kept)[0];
+  at::Tensor out = at::empty({g.G, KC, M}, opts);
+  weight_rows_into(weight, g, out);
+  weight_cache_insert(weight, key, {out});
+  return out;
+}
+
+// The fused blocks (see kFusedBlockRows): the batch's N * L output pixels in blocks of kFusedBlockRows, each
+// thread its own run of blocks; per block the columns [np, G, K * Cg] (fill_columns), then per group
+// rows = columns @ wrows[grp] by brgemm, the bias added; into the channels-last output's rows (out_rows) or a
+// block of rows that rows_to_channels lays into the NCHW output.
+void forward_blocks(const Geometry& g, const TapReader<float>& taps, const float* img, const at::Tensor& wrows,
+                    float* out, bool out_rows, const float* bias) {
+  const int64_t NL = g.N * g.L, KC = g.K * g.Cg(), M = g.Coutg(), P = kFusedBlockRows;
+  const float* B = wrows.data_ptr<float>();
+  const auto opts = wrows.options();
+  ++g_forward_counts[3];
+  at::parallel_for(0, ceil_div(NL, P), 1, [&](int64_t b0, int64_t b1) {
+    float* col = scratch(kScratchColumns, {P, g.G * KC}, opts).data_ptr<float>();  // this thread's
+    float* res = out_rows ? nullptr : scratch(kScratchBlockRows, {P, M}, opts).data_ptr<float>();
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t q0 = b * P, np = std::min(NL, q0 + P) - q0;
+      fill_columns<float, float, float>(g, taps, img, q0, q0 + np, col);
+      for (int64_t grp = 0; grp < g.G; ++grp) {
+        const float* a = col + grp * KC;
+        const float* w = B + grp * KC * M;
+        const float* gb = bias ? bias + grp * M : nullptr;
+        if (out_rows) {
+          float* dst = out + q0 * g.Cout + grp * M;
+          at::native::cpublas::brgemm(np, M, KC, g.G * KC, M, g.Cout, false, a, w, dst, false);
+          for (int64_t r = 0; gb && r < np; ++r) {
+            float* row = dst + r * g.Cout;
+            for (int64_t c = 0; c < M; ++c) row[c] += gb[c];
+          }
+        } else {
+          at::native::cpublas::brgemm(np, M, KC, g.G * KC, M, M, false, a, w, res, false);
+          rows_to_channels<float, float, float>(res, q0, np, M, out + grp * M * g.L, g.Cout, g.L, gb);
+        }
+      }
+    }
+  });
+}
+
 at::Tensor deform_conv2d_forward_cpu(const at::Tensor& input, const at::Tensor& weight,
                                      const at::Tensor& offset, const std::optional<at::Tensor>& mask,
                                      const std::optional<at::Tensor>& bias, at::IntArrayRef stride,
@@ -1252,9 +1351,16 @@ at::Tensor deform_conv2d_forward_cpu(const at::Tensor& input, const at::Tensor& 
   if (g.N == 0) return out.to(input.scalar_type());
   const at::Tensor off_r = rows(offset, ct);  // exact for bf16: every bf16 is a float32
   const at::Tensor mask_r = mask ? rows(*mask, ct) : at::Tensor();
+  const at::Tensor bias_c = bias && bias->defined() ? bias->to(ct).contiguous() : at::Tensor();
+  if (fused_forward_applies(g, ct, bf16)) {
+    const at::Tensor x_cl = channels_last_as(ct, input);
+    TapReader<float> taps{g, off_r.data_ptr<float>(), mask ? mask_r.data_ptr<float>() : nullptr};
+    forward_blocks(g, taps, x_cl.data_ptr<float>(), fused_weight(weight, g), out.data_ptr<float>(), out_rows,
+                   bias_c.defined() ? bias_c.data_ptr<float>() : nullptr);
+    return out.to(input.scalar_type());
+  }
   const TilePlan plan = forward_plan(g, at::elementSize(ot));
   const std::vector<RowGemm> gemm = forward_gemms(weight, g, ot, plan);
-  const at::Tensor bias_c = bias && bias->defined() ? bias->to(ct).contiguous() : at::Tensor();
   const auto col_opts = out.options();
   if (bf16) {
     const at::Tensor x_cl = channels_last_as(at::kBFloat16, input);
