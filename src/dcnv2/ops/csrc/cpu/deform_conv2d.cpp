@@ -8,7 +8,9 @@
 // pixel-major rows (oneDNN for float32, see RowGemm) that one transposing copy puts into NCHW. The
 // backward's tile boundaries depend on the shapes only (not on the thread count); a forward with several
 // threads cuts its tiles to a multiple of the thread count and gives each thread its own share (see
-// forward_tiles).
+// forward_tiles). The float32 forward of a weight that fits in 1 MB skips the tiles: blocks of 64 output pixels,
+// each filled and multiplied at once by oneDNN's brgemm micro-kernel while its columns are in cache (see
+// forward_blocks).
 //
 // Backward recomputes the column tiles for grad_weight (tiles of their own, up to 16 MB, so that its GEMM
 // writes its large result few times), and per 4 MB tile forms grad_col with one GEMM and then makes
