@@ -1259,7 +1259,9 @@ bool fused_forward_applies(const Geometry& g, at::ScalarType ct, bool bf16) {
     if (env && std::string(env) == "tiles") return false;
 #if defined(__x86_64__) && defined(__GNUC__)
     __builtin_cpu_init();
-    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");  // brgemm's float32 micro-kernel
+    // where oneDNN generates brgemm's float32 micro-kernel (a torch built without oneDNN's ukernel API runs the
+    // same call as a BLAS GEMM per block: correct, not faster)
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
 #else
     return false;
 #endif
