@@ -1271,14 +1271,26 @@ bool fused_forward_applies(const Geometry& g, at::ScalarType ct, bool bf16) {
 }
 
 // The float32 weight as brgemm's B, [G, K * Cg, Coutg] row-major (rows in the columns' tap-major order), into
-// out: from an NCHW weight by one blocked transpose of each group's [Coutg, K * Cg] matrix (weight_matrix's
-// layout), from a channels-last one (weight_matrix a view then) the same way.
+// out: from an NCHW weight [Cout, Cg, K] in one pass (per 8 output channels and input channel c, the [8, K] block
+// at column c * K into rows k * Cg + c); a channels-last weight is weight_matrix's [G, Coutg, K * Cg] as it is (a
+// view), transposed per group.
 void weight_rows_into(const at::Tensor& weight, const Geometry& g, at::Tensor& out) {
-  const at::Tensor wmat = weight_matrix(weight, g, at::kFloat).contiguous();  // [G, Coutg, K * Cg]
-  const int64_t KC = g.K * g.Cg(), M = g.Coutg();
+  const at::Tensor typed = weight.to(at::kFloat);
+  const bool cl = is_channels_last(typed);
+  const at::Tensor w = cl ? weight_matrix(typed, g, at::kFloat).contiguous() : typed.contiguous();
+  const int64_t K = g.K, Cg = g.Cg(), KC = K * Cg, M = g.Coutg();
   for (int64_t grp = 0; grp < g.G; ++grp) {
-    transpose_add<float>(wmat.data_ptr<float>() + grp * M * KC, KC, out.data_ptr<float>() + grp * KC * M, M, M, KC,
-                         nullptr);
+    const float* src = w.data_ptr<float>() + grp * M * KC;
+    float* dst = out.data_ptr<float>() + grp * KC * M;
+    if (cl) {
+      transpose_add<float>(src, KC, dst, M, M, KC, nullptr);
+      continue;
+    }
+    at::parallel_for(0, ceil_div(M, 8), 4, [&](int64_t b0, int64_t b1) {
+      for (int64_t c = 0; c < Cg; ++c) {
+        transpose_block<float>(src + c * K, KC, dst + c * M, Cg * M, b0 * 8, std::min(M, b1 * 8), 0, K, nullptr);
+      }
+    });
   }
 }
 
