@@ -4,9 +4,9 @@ Each deformable conv multiplies its column tiles by the layer's weight, which on
 reordered into its blocked layout. Within one call that reorder costs about what it saves, so a call
 packs only where many large tiles share the weight (a float32 weight of up to 1 MB runs in fused blocks
 instead, which take it as rows of [9 * C, Cout]: that layout is what is kept for it). Inside
-``packed_weights()`` the first call on a weight packs it and later calls reuse the packed copy while the weight tensor is unchanged: the same tensor object,
-the same storage and the same version counter (every in-place op on it or its views, an optimizer step
-included, counts as a change). On the 2-core AVX-512 machine this takes 2-5 % off the forward of
+``packed_weights()`` the first call on a weight packs it and later calls reuse the packed copy while the
+weight tensor is unchanged: the same tensor object, the same storage and the same version counter (every
+in-place op on it or its views, an optimizer step included, counts as a change). On the 2-core AVX-512 machine this takes 2-5 % off the forward of
 ResNet-50's c3-c5 layers and 5-10 % off the demo's small maps (docs/benchmarks.md); it is what a
 compiled runtime (OpenVINO, ONNX Runtime) does with its constant weights.
 
